@@ -1,0 +1,150 @@
+"""A LLaMA-family decoder in Flax linen: RMSNorm, RoPE, GQA attention, SwiGLU MLP, block, decoder.
+
+Parameter paths (stable; the transforms address matrices by them):
+
+  embed/embedding                        (vocab, d)
+  layers_{i}/attn_norm/scale             (d,)
+  layers_{i}/attn/{q,k,v,o}/...          one `Linear` each: kernel | A, B | A, B, values (see linears.py)
+  layers_{i}/mlp_norm/scale              (d,)
+  layers_{i}/mlp/{gate,up,down}/...
+  final_norm/scale                       (d,)
+  lm_head/...                            only when embeddings are untied
+
+Kernels are (d_in, d_out), `y = x K` (the transpose of a PyTorch/HF weight).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from plrd_jax.config import ModelConfig
+from plrd_jax.linears import Linear
+
+Cache = list[dict[str, jax.Array]]
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-5
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * h.astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, HF "rotate half" layout. x: (B, T, heads, hd), positions: (B, T)."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, hd/2)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def linear(config: ModelConfig, path: str, features: int, name: str, use_bias: bool = False) -> Linear:
+    return Linear(features, config.linear(path), use_bias, config.jnp_dtype, config.jnp_param_dtype, name=name)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, positions, cache: dict | None = None):
+        c, p = self.config, f"layers_{self.layer}/attn"
+        B, T, _ = x.shape
+        H, KV, hd = c.num_heads, c.num_kv_heads, c.head_dim_
+        q = linear(c, f"{p}/q", H * hd, "q", c.qkv_bias)(x).reshape(B, T, H, hd)
+        k = linear(c, f"{p}/k", KV * hd, "k", c.qkv_bias)(x).reshape(B, T, KV, hd)
+        v = linear(c, f"{p}/v", KV * hd, "v", c.qkv_bias)(x).reshape(B, T, KV, hd)
+        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        k_pos = positions
+        if cache is not None:  # write this chunk at its positions, attend over the whole cache
+            start = positions[0, 0]
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1)
+            cache = {"k": k, "v": v}
+            k_pos = jnp.broadcast_to(jnp.arange(k.shape[1]), (B, k.shape[1]))
+        q = q.reshape(B, T, KV, H // KV, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)) / jnp.sqrt(hd).astype(q.dtype)
+        causal = k_pos[:, None, :] <= positions[:, :, None]  # (B, T, S)
+        scores = jnp.where(causal[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(c.jnp_dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(probs.dtype)).reshape(B, T, H * hd)
+        return linear(c, f"{p}/o", c.hidden_size, "o")(out), cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x):
+        c, p = self.config, f"layers_{self.layer}/mlp"
+        gate = linear(c, f"{p}/gate", c.intermediate_size, "gate")(x)
+        up = linear(c, f"{p}/up", c.intermediate_size, "up")(x)
+        return linear(c, f"{p}/down", c.hidden_size, "down")(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    config: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, positions, cache=None):
+        c = self.config
+        h, cache = Attention(c, self.layer, name="attn")(
+            RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="attn_norm")(x), positions, cache)
+        x = x + h
+        x = x + MLP(c, self.layer, name="mlp")(RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="mlp_norm")(x))
+        return x, cache
+
+
+class Decoder(nn.Module):
+    """tokens (B, T) -> logits (B, T, vocab) in float32; with a cache also returns the updated cache."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, cache: Cache | None = None):
+        c = self.config
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
+                         embedding_init=nn.initializers.normal(0.02), name="embed")
+        x = embed(tokens)
+        new_cache = []
+        for i in range(c.num_layers):
+            x, layer_cache = Block(c, i, name=f"layers_{i}")(x, positions, None if cache is None else cache[i])
+            new_cache.append(layer_cache)
+        x = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="final_norm")(x)
+        if c.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = linear(c, "lm_head", c.vocab_size, "lm_head")(x)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(config: ModelConfig, batch: int, length: int) -> Cache:
+    shape = (batch, length, config.num_kv_heads, config.head_dim_)
+    return [{"k": jnp.zeros(shape, config.jnp_dtype), "v": jnp.zeros(shape, config.jnp_dtype)}
+            for _ in range(config.num_layers)]
+
+
+def init_params(config: ModelConfig, seed: int = 0) -> dict:
+    """Randomly initialized params (the "params" collection) for `config`."""
+    variables = Decoder(config).init(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))
+    return variables["params"]
+
+
+def count_params(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
