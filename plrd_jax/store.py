@@ -1,0 +1,137 @@
+"""The family store: one directory, one Orbax `CheckpointManager`, steps index the family.
+
+A family run gives each stage (member) k a block of step ids `[start_k, start_k + heal_steps_k]`; step
+`start_k + t` holds member k after t healing steps. The last step of a block is the member's *final*
+checkpoint, kept forever; the periodic healing checkpoints in between are kept only as the latest few (they
+exist for resume). Each step has three items:
+
+  params     the member's param tree (restored onto given shardings from abstract arrays)
+  opt_state  optimizer state (periodic checkpoints only)
+  metadata   JSON: member index and name, method, model config with its ranks, parameter count, compression
+             ratio, tokens seen, schedule, data spec, eval results, final flag
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from plrd_jax.config import ModelConfig
+
+
+class StoreError(ValueError):
+    """A family directory or member reference that cannot be used."""
+
+
+@dataclasses.dataclass
+class KeepFinalMembers(policies.PreservationPolicy):
+    """Preserve every checkpoint whose metadata says it is a finished member (read from disk, so it holds
+    for members written by earlier runs and other methods too)."""
+
+    directory: str
+
+    def should_preserve(self, checkpoints, *, context):
+        return [_is_final(self.directory, c.step) for c in checkpoints]
+
+
+def _is_final(directory: str, step: int) -> bool:
+    try:
+        with open(os.path.join(directory, str(step), "metadata", "metadata")) as f:
+            return bool(json.load(f).get("final"))
+    except (OSError, ValueError):
+        return False
+
+
+class FamilyStore:
+    def __init__(self, directory: str | os.PathLike, keep_latest: int = 2, read_only: bool = False):
+        self.directory = os.path.abspath(os.fspath(directory))
+        if read_only and not os.path.isdir(self.directory):
+            raise StoreError(f"family directory {self.directory} does not exist")
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policies.AnyPreservationPolicy([policies.LatestN(keep_latest), KeepFinalMembers(self.directory)]),
+            read_only=read_only,
+            create=not read_only,
+            cleanup_tmp_directories=not read_only,
+            enable_async_checkpointing=False,  # a family checkpoint is small next to the step time on CPU
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("params", "opt_state", "metadata"))
+
+    # ---- writing --------------------------------------------------------------------------------
+    def save(self, step: int, params, metadata: dict[str, Any], opt_state=None) -> None:
+        items = {"params": ocp.args.StandardSave(params), "metadata": ocp.args.JsonSave(metadata)}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    # ---- reading --------------------------------------------------------------------------------
+    def steps(self) -> Sequence[int]:
+        return sorted(self.manager.all_steps())
+
+    def metadata(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+
+    def members(self) -> list[dict[str, Any]]:
+        """Metadata of every finished member, in member order."""
+        out = [m for m in (self.metadata(s) for s in self.steps()) if m.get("final")]
+        return sorted(out, key=lambda m: m["member"])
+
+    def find_member(self, ref: str) -> dict[str, Any]:
+        """A finished member by index ("2") or name ("plrd-60%")."""
+        members = self.members()
+        for m in members:
+            if str(m["member"]) == ref or m.get("name") == ref:
+                return m
+        names = ", ".join(f"{m['member']} ({m.get('name')})" for m in members) or "none yet"
+        raise StoreError(f"no member {ref!r} in {self.directory}; finished members: {names}")
+
+    def restore(self, step: int, abstract_params, abstract_opt_state=None):
+        """(params, opt_state or None) at `step`, placed like the abstract arrays' shardings."""
+        items = {"params": ocp.args.StandardRestore(abstract_params)}
+        if abstract_opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return out["params"], (out["opt_state"] if abstract_opt_state is not None else None)
+
+
+def abstract_params(config: ModelConfig, shardings=None):
+    """ShapeDtypeStructs of `config`'s params, optionally with shardings (a matching pytree)."""
+    from plrd_jax.model import init_params
+
+    shapes = jax.eval_shape(lambda: init_params(config))
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), shapes)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def split_member_spec(spec: str) -> tuple[str, str] | None:
+    """"DIR:N" or "DIR:NAME" -> (DIR, ref) when DIR is a family directory, else None."""
+    if ":" not in spec:
+        return None
+    directory, ref = spec.rsplit(":", 1)
+    if not os.path.isdir(directory):
+        return None
+    return directory, ref
+
+
+def load_member(spec: str):
+    """(config, params, metadata) of a stored member "FAMILY_DIR:N" or "FAMILY_DIR:NAME"."""
+    parsed = split_member_spec(spec)
+    if parsed is None:
+        raise StoreError(f"{spec!r} is not FAMILY_DIR:N or FAMILY_DIR:NAME with an existing directory")
+    directory, ref = parsed
+    store = FamilyStore(directory, read_only=True)
+    meta = store.find_member(ref)
+    config = ModelConfig.from_dict(meta["config"])
+    params, _ = store.restore(meta["step"], abstract_params(config))
+    return config, params, meta
