@@ -1,0 +1,54 @@
+"""Text generation with a KV cache: one jitted prefill, then one jitted single-token step per new token."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+
+from plrd_jax.config import ModelConfig
+from plrd_jax.model import Decoder, init_cache
+
+
+def _pick(logits: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
+    """Greedy at temperature 0, else a sample from softmax(logits / temperature). logits: (B, vocab)."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1)
+    return jax.random.categorical(key, logits / temperature, axis=-1)
+
+
+@partial(jax.jit, static_argnames=("config", "temperature"))
+def _prefill(config, params, prompt, cache, key, temperature):
+    logits, cache = Decoder(config).apply({"params": params}, prompt, cache=cache,
+                                          positions=jnp.broadcast_to(jnp.arange(prompt.shape[1]), prompt.shape))
+    return _pick(logits[:, -1], key, temperature), cache
+
+
+@partial(jax.jit, static_argnames=("config", "temperature"), donate_argnames=("cache",))
+def _decode_step(config, params, token, position, cache, key, temperature):
+    positions = jnp.full((token.shape[0], 1), position)
+    logits, cache = Decoder(config).apply({"params": params}, token[:, None], positions=positions, cache=cache)
+    return _pick(logits[:, -1], key, temperature), cache
+
+
+def generate(config: ModelConfig, params, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+             seed: int = 0, stop_token: int | None = None) -> Iterator[int]:
+    """Yields new token ids one by one (greedy when temperature == 0)."""
+    total = len(prompt) + max_new_tokens
+    if not prompt:
+        raise ValueError("generate needs a non-empty prompt")
+    if total > config.max_seq_len:
+        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"context of {config.max_seq_len} tokens")
+    key = jax.random.key(seed)
+    cache = init_cache(config, 1, total)
+    key, sub = jax.random.split(key)
+    token, cache = _prefill(config, params, jnp.asarray([prompt], jnp.int32), cache, sub, temperature)
+    for position in range(len(prompt), total):
+        t = int(token[0])
+        yield t
+        if t == stop_token or position == total - 1:
+            return
+        key, sub = jax.random.split(key)
+        token, cache = _decode_step(config, params, token, position, cache, sub, temperature)
