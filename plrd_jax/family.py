@@ -1,0 +1,226 @@
+"""A single-parent family: schedule → members, each transformed, healed, evaluated and stored.
+
+Progressive (the PLRD recipe): parent → member 1 → heal → member 2 → heal → …, each member made by lowering
+the ranks of the *healed* previous member. One-shot (for comparison): every member straight from the parent.
+
+Presets (`PRESETS`). The PLRD paper does not publish its exact rank schedule; these are our choices:
+  plrd            embedded parent (SmolLM2-135M): members at 90, 75, 60, 50, 40 % of the parent's parameters
+                  (embeddings included), one shared rank fraction over every attention and MLP matrix per
+                  member; a small CPU healing budget per stage (the README's main job).
+  plrd-tpu        the same sizes with paper-scale healing (≈1B tokens in all), for TPU runs.
+  mistral-7b-3.1b Mistral-7B-v0.1 → ≈3.1B: uniform rank 1088 on every attention and MLP matrix (k and v,
+                  1024 wide, stay dense: a rank ≥ their break-even saves nothing), reached through ranks 2048
+                  and 1536; 250M + 250M + 500M healing tokens.
+  llama2-7b-3.3b  LLaMA-2-7B → ≈3.3B: uniform rank 1216, through 2048 and 1536; same token budget.
+
+Resume: the run is a pure function of (parent, schedule, data, seed). Stage k owns the step ids
+[start_k, start_k + steps_k] of the family store (see store.py); a rerun restores the newest checkpoint and
+continues, ending with bitwise the same members as an uninterrupted run on the same platform.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from plrd_jax.config import ModelConfig
+from plrd_jax.evaluate import perplexity
+from plrd_jax.model import count_params
+from plrd_jax.sharding import make_mesh, param_shardings
+from plrd_jax.store import FamilyStore, StoreError, abstract_params
+from plrd_jax.train import HealConfig, init_train_state, make_heal_step
+from plrd_jax.transforms.factorize import reduce_rank
+from plrd_jax.transforms.plan import RankPlan
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One member: its size (exactly one of a fraction of the parent's parameter count, a uniform rank, or a
+    rank fraction) and its healing budget in tokens."""
+
+    name: str
+    budget_fraction: float | None = None
+    rank: int | None = None
+    rank_fraction: float | None = None
+    heal_tokens: int = 0
+
+    def plan(self, parent_params: int, matrices=("attn", "mlp"), multiple_of: int = 1) -> RankPlan:
+        if self.budget_fraction is not None:
+            return RankPlan(matrices, budget=int(round(self.budget_fraction * parent_params)),
+                            multiple_of=multiple_of)
+        if self.rank is not None:
+            return RankPlan(matrices, rank=self.rank)
+        return RankPlan(matrices, fraction=self.rank_fraction, multiple_of=multiple_of)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    stages: tuple[Stage, ...]
+    progressive: bool = True
+    matrices: tuple[str, ...] = ("attn", "mlp")
+    multiple_of: int = 1
+    batch_size: int = 4
+    seq_len: int = 256
+    heal: HealConfig = HealConfig(lr=2e-4, warmup_steps=2, total_steps=2)  # total_steps set per stage
+
+    def steps(self, stage: Stage) -> int:
+        return stage.heal_tokens // (self.batch_size * self.seq_len * self.heal.grad_accum)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _stages(fractions, tokens, prefix="plrd"):
+    return tuple(Stage(f"{prefix}-{round(f * 100)}%", budget_fraction=f, heal_tokens=tokens) for f in fractions)
+
+
+SIZES = (0.9, 0.75, 0.6, 0.5, 0.4)
+PRESETS: dict[str, Schedule] = {
+    "plrd": Schedule(_stages(SIZES, 8 * 4 * 256)),
+    "plrd-tpu": Schedule(_stages(SIZES, 200_000_000), batch_size=64, seq_len=2048,
+                         heal=HealConfig(lr=1e-4, warmup_steps=100, total_steps=100)),
+    "mistral-7b-3.1b": Schedule(
+        (Stage("r2048", rank=2048, heal_tokens=250_000_000), Stage("r1536", rank=1536, heal_tokens=250_000_000),
+         Stage("r1088-3.1B", rank=1088, heal_tokens=500_000_000)),
+        batch_size=256, seq_len=2048, heal=HealConfig(lr=1e-4, warmup_steps=50, total_steps=50)),
+    "llama2-7b-3.3b": Schedule(
+        (Stage("r2048", rank=2048, heal_tokens=250_000_000), Stage("r1536", rank=1536, heal_tokens=250_000_000),
+         Stage("r1216-3.3B", rank=1216, heal_tokens=500_000_000)),
+        batch_size=256, seq_len=2048, heal=HealConfig(lr=1e-4, warmup_steps=50, total_steps=50)),
+}
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class MemberResult:
+    member: int
+    name: str
+    params: int
+    fraction: float
+    ppl_before: float
+    ppl_after: float
+    tokens: int
+    wall_s: float
+    ranks: dict[str, int]
+
+
+def _ranks(config: ModelConfig) -> dict[str, int]:
+    return {p: s.rank for p, s in config.linears if s.rank is not None}
+
+
+def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule: Schedule, heal_data,
+               eval_windows: np.ndarray, store: FamilyStore, *, mesh_shape=(1, -1, 1), save_every: int = 0,
+               eval_batch_size: int = 4, seed: int = 0, data_spec: dict | None = None,
+               on_event: Callable[[str, dict], None] = lambda kind, info: None) -> list[MemberResult]:
+    """Build (or finish building) the family in `store`. heal_data: a TokenDataset with seq_len
+    schedule.seq_len; eval_windows [N, T]. on_event(kind, info) reports progress ("stage", "step", "eval",
+    "member"); the library never prints. Returns one MemberResult per stage."""
+    if heal_data.seq_len != schedule.seq_len:
+        raise ValueError(f"heal data windows are {heal_data.seq_len} tokens, the schedule wants {schedule.seq_len}")
+    mesh = make_mesh(mesh_shape)
+    parent_count = count_params(parent_params)
+    run_id = fingerprint({"parent": parent, "schedule": schedule.to_dict(), "data": data_spec, "seed": seed,
+                          "parent_params": parent_count})
+    existing = [store.metadata(s) for s in store.steps()]
+    if existing and any(m.get("run") != run_id for m in existing):
+        raise StoreError(f"{store.directory} holds checkpoints of another family run (different parent, schedule "
+                         "or data); choose a new --out directory")
+    steps = [schedule.steps(s) for s in schedule.stages]
+    starts = np.cumsum([0] + [n + 1 for n in steps])[:-1].tolist()
+    teacher_params = None
+    if schedule.heal.kd_weight > 0:
+        teacher_params = jax.device_put(parent_params, param_shardings(parent_params, mesh))
+    ppl_parent = None
+    results, prev_config, prev_params = [], parent_config, parent_params
+    saved = set(store.steps())
+    for k, stage in enumerate(schedule.stages):
+        start, n_steps = starts[k], steps[k]
+        final = start + n_steps
+        if final in saved:  # finished in an earlier run
+            meta = store.metadata(final)
+            config = ModelConfig.from_dict(meta["config"])
+            params, _ = store.restore(final, abstract_params(config))
+            results.append(MemberResult(**meta["result"]))
+            prev_config, prev_params = config, params
+            on_event("member", {"result": results[-1], "restored": True})
+            continue
+        t0 = time.perf_counter()
+        resume = max((s for s in saved if start <= s < final), default=None)
+        heal = schedule.heal.replace(total_steps=max(n_steps, 1), warmup_steps=min(schedule.heal.warmup_steps,
+                                                                                    max(n_steps, 1)))
+        on_event("stage", {"member": k, "name": stage.name, "steps": n_steps, "resume_step": resume})
+        if resume is not None:
+            meta = store.metadata(resume)
+            config = ModelConfig.from_dict(meta["config"])
+            shardings = param_shardings(abstract_params(config), mesh)
+            params, _ = store.restore(resume, abstract_params(config, shardings))
+            state = init_train_state(params, heal, mesh, shardings)
+            _, opt_state = store.restore(resume, _abstract(state.params), _abstract(state.opt_state))
+            t_done = resume - start
+            state = state.replace(step=state.step + t_done, opt_state=opt_state)
+            ppl_before, elapsed = meta["ppl_before"], meta["wall_s"]
+        else:
+            source_config, source_params = (prev_config, prev_params) if schedule.progressive else (
+                parent_config, parent_params)
+            plan = stage.plan(parent_count, schedule.matrices, schedule.multiple_of)
+            params, config = reduce_rank(source_params, plan, source_config)
+            shardings = param_shardings(params, mesh)
+            ppl_before = _eval(config, params, eval_windows, eval_batch_size, on_event, "before", k)
+            state = init_train_state(params, heal, mesh, shardings)
+            elapsed, t_done = 0.0, 0
+        base_meta = {"member": k, "name": stage.name, "method": "plrd", "run": run_id, "parent": parent,
+                     "schedule": schedule.to_dict(), "data": data_spec, "config": config.to_dict(),
+                     "params": count_params(state.params), "compression": count_params(state.params) / parent_count,
+                     "ppl_before": ppl_before}
+        if n_steps > t_done:
+            step_fn = make_heal_step(config, heal, mesh, shardings,
+                                     teacher=parent_config if teacher_params is not None else None)
+            tokens_per_step = schedule.batch_size * schedule.seq_len * heal.grad_accum
+            for t in range(t_done, n_steps):
+                batch = heal_data.batch_at(_data_step(k, t, steps), schedule.batch_size * heal.grad_accum, seed)
+                batch = batch.reshape(heal.grad_accum, schedule.batch_size, schedule.seq_len)
+                ts = time.perf_counter()
+                state, metrics = step_fn(state, batch, teacher_params)
+                metrics = {key: float(v) for key, v in metrics.items()}
+                on_event("step", {"member": k, "step": t + 1, "steps": n_steps, "tokens": tokens_per_step,
+                                  "seconds": time.perf_counter() - ts, **metrics})
+                if save_every and (t + 1) % save_every == 0 and t + 1 < n_steps:
+                    store.save(start + t + 1, state.params, {
+                        **base_meta, "step": start + t + 1, "final": False, "tokens": (t + 1) * tokens_per_step,
+                        "wall_s": elapsed + time.perf_counter() - t0}, opt_state=state.opt_state)
+        params = state.params
+        ppl_after = _eval(config, params, eval_windows, eval_batch_size, on_event, "after", k) if n_steps else ppl_before
+        count = count_params(params)
+        result = MemberResult(k, stage.name, count, count / parent_count, ppl_before, ppl_after,
+                              n_steps * schedule.batch_size * schedule.seq_len * heal.grad_accum,
+                              elapsed + time.perf_counter() - t0, _ranks(config))
+        store.save(final, params, {**base_meta, "step": final, "final": True, "tokens": result.tokens,
+                                   "wall_s": result.wall_s, "ppl_after": ppl_after,
+                                   "result": dataclasses.asdict(result)})
+        results.append(result)
+        on_event("member", {"result": result, "restored": False})
+        prev_config, prev_params = config, params
+    return results
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _data_step(member: int, step: int, steps: list[int]) -> int:
+    """Global position in the heal data: stages read consecutive, disjoint stretches of the stream."""
+    return sum(steps[:member]) + step
+
+
+def _eval(config, params, windows, batch_size, on_event, when, member):
+    result = perplexity(config, params, windows, batch_size=batch_size)
+    on_event("eval", {"member": member, "when": when, **result.to_dict()})
+    return result.ppl
