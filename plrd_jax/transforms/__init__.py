@@ -1,0 +1,12 @@
+"""Parameter transforms: pure functions from (params, plan, config) to (params, config).
+
+  plan.py       RankPlan (which matrix gets which rank), resolve_plan / resolve_ranks, parameter counts
+  factorize.py  factorize (K -> A B), reduce_rank (A B -> lower rank without forming K), densify (A B -> K)
+"""
+from plrd_jax.transforms.factorize import densify, factorize, reduce_factors, reduce_rank, svd_factors
+from plrd_jax.transforms.plan import (GROUPS, MatrixPlan, PlanError, RankPlan, count_params, find_matrices,
+                                      predict_param_count, resolve_plan, resolve_ranks, singular_values)
+
+__all__ = ["GROUPS", "MatrixPlan", "PlanError", "RankPlan", "count_params", "densify", "factorize",
+           "find_matrices", "predict_param_count", "reduce_factors", "reduce_rank", "resolve_plan",
+           "resolve_ranks", "singular_values", "svd_factors"]

@@ -1,0 +1,287 @@
+"""Rank plans: which matrices of a param tree get which rank.
+
+A *matrix* is any dict in a nested param tree that holds a 2-D `kernel (d_in, d_out)` or the factors
+`A (d_in, r)`, `B (r, d_out)` of `K = A B` (its rank is `A.shape[1]`; a dict that also holds sparse `values`
+is an SLTrain linear, not a matrix). It is addressed by its '/'-joined path, e.g. "layers_3/attn/q".
+A `RankPlan` is data; `resolve_plan` turns it into concrete ranks from the tree's shapes alone (and, for an
+`energy` plan, from the singular values), so it works on any nested dict and on `jax.eval_shape` output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import re
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from plrd_jax.model import count_params
+
+# Group name -> regex over paths. Our decoder's names; any other tree uses globs or "re:" patterns.
+GROUPS = {
+    "attn": r"(.*/)?(q|k|v|o)",
+    "qkvo": r"(.*/)?(q|k|v|o)",
+    "mlp": r"(.*/)?(gate|up|down)",
+    "embed": r"(.*/)?embed",
+    "lm_head": r"(.*/)?lm_head",
+}
+ROUNDINGS = ("down", "nearest")
+
+
+class PlanError(ValueError):
+    """A rank plan that cannot be applied to the given params."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RankPlan:
+    """Which matrices get which rank; exactly one of `rank`, `fraction`, `energy`, `budget`.
+
+    matrices: patterns selecting matrices by path: a group name (`GROUPS`), "re:<regex>" (full match) or a
+      glob (fnmatch: '*' also crosses '/'); `exclude`: patterns taken out of that selection.
+    rank: r everywhere.  fraction: r = fraction · min(d_in, d_out).
+    energy: the smallest r with Σ_{i<r} σ_i² ≥ energy · Σ_i σ_i².
+    budget: parameter count of the WHOLE tree (embeddings, norms, biases included), reached by one fraction
+      shared by the selected matrices, found by bisection and landing within 1% (matrices whose rounded rank
+      jumps at that fraction take the lower or the higher rank, whichever lands nearer).
+    Derived ranks (all but `rank`) are rounded to a multiple of `multiple_of` ("down" or "nearest", at least
+    one multiple). A dense matrix is factorized only when that saves parameters, r < d_in·d_out/(d_in+d_out);
+    a factorized one only ever goes down in rank. Anything else stays as it is (see `resolve_plan`).
+    """
+
+    matrices: tuple[str, ...] = ("attn", "mlp")
+    exclude: tuple[str, ...] = ()
+    rank: int | None = None
+    fraction: float | None = None
+    energy: float | None = None
+    budget: int | None = None
+    multiple_of: int = 1
+    rounding: str = "down"
+
+    def __post_init__(self):
+        for name in ("matrices", "exclude"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        rules = [n for n in ("rank", "fraction", "energy", "budget") if getattr(self, n) is not None]
+        if len(rules) != 1:
+            raise PlanError(f"a rank plan needs exactly one of rank, fraction, energy, budget; got {rules or 'none'}")
+        if self.rank is not None and self.rank <= 0:
+            raise PlanError(f"rank must be positive, got {self.rank}")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise PlanError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise PlanError(f"energy must be in (0, 1], got {self.energy}")
+        if self.budget is not None and self.budget <= 0:
+            raise PlanError(f"budget must be a positive parameter count, got {self.budget}")
+        if self.multiple_of < 1:
+            raise PlanError(f"multiple_of must be >= 1, got {self.multiple_of}")
+        if self.rounding not in ROUNDINGS:
+            raise PlanError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+
+
+class Matrix(NamedTuple):
+    d_in: int
+    d_out: int
+    rank: int | None  # None: a dense kernel
+
+    @property
+    def size(self) -> int:
+        return self.d_in * self.d_out if self.rank is None else self.rank * (self.d_in + self.d_out)
+
+
+class MatrixPlan(NamedTuple):
+    """One row of a resolved plan. action: "factorize" (dense -> A, B), "reduce" (lower rank) or "keep"."""
+
+    path: str
+    shape: tuple[int, int]
+    rank: int | None  # current rank, None when dense
+    target: int
+    action: str
+    reason: str = ""
+
+
+def _is_2d(node, key) -> bool:
+    return len(getattr(node.get(key), "shape", ())) == 2
+
+
+def is_matrix(node) -> bool:
+    """A dict holding a 2-D kernel, or 2-D factors A, B (without SLTrain's sparse values)."""
+    if not isinstance(node, Mapping):
+        return False
+    return _is_2d(node, "kernel") or (_is_2d(node, "A") and _is_2d(node, "B") and "values" not in node)
+
+
+def find_matrices(params) -> dict[str, Matrix]:
+    """Every matrix of a nested dict, in tree order: path -> (d_in, d_out, rank or None)."""
+    found = {}
+
+    def walk(node, path):
+        if is_matrix(node):
+            if "kernel" in node:
+                found[path] = Matrix(*node["kernel"].shape, None)
+            else:
+                found[path] = Matrix(node["A"].shape[0], node["B"].shape[1], node["A"].shape[1])
+        elif isinstance(node, Mapping):
+            for key, child in node.items():
+                walk(child, f"{path}/{key}" if path else str(key))
+
+    walk(params, "")
+    return found
+
+
+def select(paths, patterns) -> list[str]:
+    """Paths matched by any pattern (group name, "re:<regex>" or glob); each pattern must match something."""
+    chosen = set()
+    for pattern in patterns:
+        if pattern in GROUPS or pattern.startswith("re:"):
+            regex = re.compile(GROUPS.get(pattern) or pattern[3:])
+            hits = {p for p in paths if regex.fullmatch(p)}
+        else:
+            hits = {p for p in paths if fnmatch.fnmatchcase(p, pattern)}
+        if not hits:
+            shown = ", ".join(list(paths)[:4]) + (", ..." if len(paths) > 4 else "")
+            raise PlanError(f"pattern {pattern!r} matches no matrix (matrices are e.g. {shown})")
+        chosen |= hits
+    return [p for p in paths if p in chosen]
+
+
+def singular_values(k_or_a: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """Singular values (descending, float32 or wider) of K, or of A B without forming it: σ(R_A R_Bᵀ)."""
+    dtype = jnp.promote_types(k_or_a.dtype, jnp.float32)
+    if b is None:
+        return jnp.linalg.svd(k_or_a.astype(dtype), compute_uv=False)
+    r_a = jnp.linalg.qr(k_or_a.astype(dtype), mode="r")
+    r_b = jnp.linalg.qr(b.T.astype(dtype), mode="r")
+    return jnp.linalg.svd(jnp.matmul(r_a, r_b.T, precision="highest"), compute_uv=False)
+
+
+def _node(params, path: str):
+    for key in path.split("/"):
+        params = params[key]
+    return params
+
+
+def _rounded(x: float, full: int, plan: RankPlan) -> int:
+    step = plan.multiple_of
+    multiples = math.floor(x / step + 1e-9) if plan.rounding == "down" else math.floor(x / step + 0.5)
+    return min(max(multiples, 1) * step, full)
+
+
+def _energy_rank(node, energy: float) -> int:
+    sv = singular_values(node["kernel"]) if "kernel" in node else singular_values(node["A"], node["B"])
+    try:
+        sq = np.asarray(sv, np.float64) ** 2
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        raise PlanError("an energy plan needs concrete singular values: resolve it outside jit "
+                        "(resolve_ranks) and pass the ranks dict") from None
+    kept = np.cumsum(sq) / sq.sum()
+    return int(np.searchsorted(kept, energy - 1e-12) + 1)
+
+
+def _size_after(m: Matrix, r: int) -> int:
+    if m.rank is None:
+        return r * (m.d_in + m.d_out) if r * (m.d_in + m.d_out) < m.d_in * m.d_out else m.size
+    return min(r, m.rank) * (m.d_in + m.d_out)
+
+
+def _budget_ranks(params, matrices: dict[str, Matrix], selected: list[str], plan: RankPlan) -> dict[str, int]:
+    """Ranks round(f · min(d_in, d_out)) for the one fraction f that brings the tree nearest `plan.budget`.
+
+    Bisection brackets the budget between two neighbouring fractions f_lo < f_hi; the matrices whose rank
+    differs between them then take the higher rank, in tree order, while that brings the count nearer.
+    """
+    fixed = count_params(params) - sum(matrices[p].size for p in selected)
+
+    def ranks(f):
+        return {p: _rounded(f * min(matrices[p][:2]), min(matrices[p][:2]), plan) for p in selected}
+
+    def count(rs):
+        return fixed + sum(_size_after(matrices[p], r) for p, r in rs.items())
+
+    smallest, current = count(ranks(0.0)), count(ranks(1.0))
+    if plan.budget > current:
+        raise PlanError(f"budget {plan.budget} is above the current size {current}")
+    if plan.budget < smallest:
+        raise PlanError(f"budget {plan.budget} is below the minimum reachable {smallest} "
+                        f"(rank {plan.multiple_of} on every selected matrix)")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # invariant: count(lo) <= budget < count(hi), unless the budget is the current size
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if count(ranks(mid)) <= plan.budget else (lo, mid)
+    chosen, upper = ranks(lo), ranks(hi)
+    size = count(chosen)
+    for p in selected:
+        step = _size_after(matrices[p], upper[p]) - _size_after(matrices[p], chosen[p])
+        if abs(size + step - plan.budget) < abs(size - plan.budget):
+            chosen[p], size = upper[p], size + step
+    if abs(size - plan.budget) > 0.01 * plan.budget:
+        raise PlanError(f"budget {plan.budget} cannot be met within 1%: the nearest reachable size is {size} "
+                        f"(a smaller multiple_of gives finer steps)")
+    return chosen
+
+
+def resolve_plan(params, plan: RankPlan) -> tuple[MatrixPlan, ...]:
+    """The plan made concrete: one row per selected matrix, saying what happens to it and why."""
+    matrices = find_matrices(params)
+    if not matrices:
+        raise PlanError("params hold no matrix (a dict with a 2-D 'kernel' or factors 'A', 'B')")
+    excluded = set(select(list(matrices), plan.exclude))
+    selected = [p for p in select(list(matrices), plan.matrices) if p not in excluded]
+    budget_ranks = _budget_ranks(params, matrices, selected, plan) if plan.budget is not None else {}
+    rows = []
+    for path in selected:
+        m = matrices[path]
+        full = min(m.d_in, m.d_out)
+        if plan.rank is not None:
+            if plan.rank > full:
+                raise PlanError(f"rank {plan.rank} for {path} exceeds min({m.d_in}, {m.d_out})")
+            r = plan.rank
+        elif plan.energy is not None:
+            r = _rounded(_energy_rank(_node(params, path), plan.energy), full, plan)
+        elif plan.budget is not None:
+            r = budget_ranks[path]
+        else:
+            r = _rounded(plan.fraction * full, full, plan)
+        break_even = m.d_in * m.d_out / (m.d_in + m.d_out)
+        if m.rank is None and r < break_even:
+            rows.append(MatrixPlan(path, (m.d_in, m.d_out), None, r, "factorize"))
+        elif m.rank is None:
+            rows.append(MatrixPlan(path, (m.d_in, m.d_out), None, r, "keep",
+                                   f"rank {r} saves no parameters (needs r < {break_even:.1f})"))
+        elif r < m.rank:
+            rows.append(MatrixPlan(path, (m.d_in, m.d_out), m.rank, r, "reduce"))
+        else:
+            rows.append(MatrixPlan(path, (m.d_in, m.d_out), m.rank, r, "keep",
+                                   f"rank {r} is not below the current rank {m.rank}"))
+    return tuple(rows)
+
+
+def resolve_ranks(params, plan: RankPlan) -> dict[str, int]:
+    """path -> new rank for every matrix the plan changes (kept matrices are left out; see `resolve_plan`)."""
+    return {row.path: row.target for row in resolve_plan(params, plan) if row.action != "keep"}
+
+
+def check_ranks(params, ranks: Mapping[str, int]) -> dict[str, Matrix]:
+    """Raise PlanError unless every path is a matrix and 0 < rank <= min(d_in, d_out) (and <= its current rank)."""
+    matrices = find_matrices(params)
+    for path, r in ranks.items():
+        if path not in matrices:
+            raise PlanError(f"{path!r} is not a matrix of these params")
+        m = matrices[path]
+        if r <= 0:
+            raise PlanError(f"rank {r} for {path} must be positive")
+        if r > min(m.d_in, m.d_out):
+            raise PlanError(f"rank {r} for {path} exceeds min({m.d_in}, {m.d_out})")
+        if m.rank is not None and r > m.rank:
+            raise PlanError(f"rank {r} for {path} exceeds its current rank {m.rank}")
+    return matrices
+
+
+def predict_param_count(params, ranks: Mapping[str, int]) -> int:
+    """Parameter count of the whole tree after applying `ranks` (path -> rank), without building it."""
+    matrices = check_ranks(params, ranks)
+    return count_params(params) + sum(r * (matrices[p].d_in + matrices[p].d_out) - matrices[p].size
+                                      for p, r in ranks.items())
