@@ -123,7 +123,10 @@ def cmd_family(args):
     mesh_shape = tuple(int(x) for x in args.mesh.split(","))
     config, params, tokenizer = load_model(args.parent)
     check_seq_len(max(args.eval_seq_len, schedule.seq_len), config.max_seq_len)
-    heal_data = load_dataset(args.data, tokenizer, schedule.seq_len, data_dir=args.data_dir)
+    streamed = args.data.startswith("tfds:")  # read only as many windows as the schedule consumes
+    needed = sum(schedule.steps(s) for s in schedule.stages) * schedule.batch_size * schedule.heal.grad_accum
+    heal_data = load_dataset(args.data, tokenizer, schedule.seq_len, data_dir=args.data_dir,
+                             max_windows=max(needed, 1) if streamed else None)
     eval_data = load_dataset(args.eval_data, tokenizer, args.eval_seq_len, data_dir=args.data_dir,
                              max_windows=-(-args.eval_tokens // args.eval_seq_len))
     os.makedirs(args.out, exist_ok=True)

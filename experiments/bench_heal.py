@@ -1,0 +1,139 @@
+"""Heal-step throughput and model FLOP utilization against an HF transformers (torch) AdamW step, side by side;
+then forward latency of low-rank members against their FLOP ratio to the parent.
+
+    python experiments/bench_heal.py [--batch 4] [--seq-len 256] [--steps 3] [--dtype float32]
+        [--fractions 0.75,0.5,0.25] [--peak-gflops 165]
+
+Heal: the same parent (embedded GGUF, dequantized), batch, length and optimizer (AdamW, clip 1.0), plain
+cross-entropy; median step time after one warm-up step. MFU = tokens/s · model FLOPs per token (6N + attention,
+`plrd_jax.train.model_flops_per_token`) / the machine's peak (--peak-gflops: measured float32 matmul peak of
+this CPU, or the accelerator's bf16 peak).
+Members: uniform rank = fraction · 576 on every attention and MLP matrix (k/v only where it saves), forward of
+batch×seq_len tokens; "FLOP ratio" = parent forward FLOPs / member forward FLOPs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def timed(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--fractions", default="0.75,0.5,0.25")
+    ap.add_argument("--peak-gflops", type=float, default=165.0)
+    ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from plrd_jax.io.load import load_model, resolve_gguf
+    from plrd_jax.model import Decoder
+    from plrd_jax.sharding import make_mesh, param_shardings
+    from plrd_jax.train import HealConfig, init_train_state, make_heal_step, model_flops_per_token
+    from plrd_jax.transforms import RankPlan, factorize
+
+    config, params, _ = load_model(args.model)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, config.vocab_size, (1, args.batch, args.seq_len)).astype(np.int32)
+    n_tokens = args.batch * args.seq_len
+    out = {"model": args.model, "batch": args.batch, "seq_len": args.seq_len, "dtype": args.dtype}
+
+    mesh = make_mesh((1, -1, 1))
+    heal = HealConfig(lr=1e-5, warmup_steps=0, total_steps=100, dtype=args.dtype)
+    shardings = param_shardings(params, mesh)
+    step = make_heal_step(config, heal, mesh, shardings)
+    state = init_train_state(jax.tree.map(jnp.copy, params), heal, mesh, shardings)
+    state, m = step(state, tokens, None)
+    jax.block_until_ready(m)
+    box = [state]
+
+    def ours():
+        box[0], metrics = step(box[0], tokens, None)
+        jax.block_until_ready(metrics)
+
+    t_ours = timed(ours, args.steps)
+    flops = model_flops_per_token(config, args.seq_len, training=True)
+    out["plrd_jax_heal_tokens_per_s"] = n_tokens / t_ours
+    out["plrd_jax_heal_mfu"] = n_tokens / t_ours * flops / (args.peak_gflops * 1e9)
+    del box, state
+
+    if not args.skip_torch:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(os.cpu_count())
+        path = resolve_gguf(args.model)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                  dtype=dtype).train()
+        opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
+        t_tokens = torch.from_numpy(tokens[0].astype(np.int64))
+
+        def theirs():
+            loss = hf(t_tokens, labels=t_tokens).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        theirs()
+        t_theirs = timed(theirs, args.steps)
+        out["torch_heal_tokens_per_s"] = n_tokens / t_theirs
+        out["heal_ratio"] = out["plrd_jax_heal_tokens_per_s"] / out["torch_heal_tokens_per_s"]
+        del hf, opt
+
+    # Forward latency of members against their FLOP ratio.
+    x = jnp.asarray(tokens[0])
+    rows = []
+    parent_flops = model_flops_per_token(config, args.seq_len, training=False)
+    for fraction in [None] + [float(f) for f in args.fractions.split(",")]:
+        if fraction is None:
+            cfg, p, name = config, params, "parent"
+        else:
+            p, cfg = factorize(params, RankPlan(("attn", "mlp"), fraction=fraction), config)
+            name = f"rank {round(fraction * config.hidden_size)}"
+        fwd = jax.jit(lambda p, t, cfg=cfg: Decoder(cfg).apply({"params": p}, t))
+        fwd(p, x).block_until_ready()
+        seconds = timed(lambda: fwd(p, x).block_until_ready(), args.steps)
+        rows.append({"member": name, "seconds": seconds,
+                     "flop_ratio": parent_flops / model_flops_per_token(cfg, args.seq_len, training=False)})
+    for r in rows:
+        r["speedup"] = rows[0]["seconds"] / r["seconds"]
+        r["speedup_over_flop_ratio"] = r["speedup"] / r["flop_ratio"]
+    out["members"] = rows
+
+    print(f"heal step {args.batch}×{args.seq_len} {args.dtype}: plrd_jax {out['plrd_jax_heal_tokens_per_s']:.0f} tok/s "
+          f"(MFU {100 * out['plrd_jax_heal_mfu']:.0f}% of {args.peak_gflops:.0f} GFLOP/s)"
+          + (f", HF torch {out['torch_heal_tokens_per_s']:.0f} tok/s, ratio {out['heal_ratio']:.2f}×"
+             if "heal_ratio" in out else ""))
+    print("| member | forward s | speed-up | FLOP ratio | speed-up / FLOP ratio |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['member']} | {r['seconds']:.3f} | {r['speedup']:.2f} | {r['flop_ratio']:.2f} | "
+              f"{r['speedup_over_flop_ratio']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
