@@ -1,0 +1,269 @@
+"""Hugging Face checkpoints: safetensors + config.json in, dense safetensors + config.json out.
+
+Layout (LLaMA, Mistral, SmolLM2, Qwen2 names; HF weights are (out, in), our kernels (in, out) = weightᵀ):
+
+  model.embed_tokens.weight                        (vocab, d)    -> embed/embedding
+  model.layers.N.self_attn.{q,k,v,o}_proj.weight   (out, in)     -> layers_N/attn/{q,k,v,o}/kernel (transposed)
+  model.layers.N.self_attn.{q,k,v}_proj.bias       (out,)        -> layers_N/attn/{q,k,v}/bias (Qwen2)
+  model.layers.N.mlp.{gate,up,down}_proj.weight    (out, in)     -> layers_N/mlp/{gate,up,down}/kernel (transposed)
+  model.layers.N.input_layernorm.weight            (d,)          -> layers_N/attn_norm/scale
+  model.layers.N.post_attention_layernorm.weight   (d,)          -> layers_N/mlp_norm/scale
+  model.norm.weight                                (d,)          -> final_norm/scale
+  lm_head.weight                                   (vocab, d)    -> lm_head/kernel (transposed; absent when tied)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from plrd_jax.config import DTYPES, ConfigError, ModelConfig
+from plrd_jax.transforms.factorize import densify
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (file, directory, tensor or tokenizer) that cannot be read as the model it claims to be."""
+
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# HF model types we read, and how each one's attention differs from LLaMA's.
+MODEL_TYPES = {"llama": False, "mistral": False, "qwen2": True}  # model_type -> q/k/v bias
+EXPORT_ARCHITECTURES = {False: ("LlamaForCausalLM", "llama"), True: ("Qwen2ForCausalLM", "qwen2")}
+_HF_PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
+
+
+# ---- config ---------------------------------------------------------------------------------------
+def _dtype_name(dtype) -> str:
+    name = jnp.dtype(dtype).name
+    if name not in DTYPES:
+        raise CheckpointError(f"unsupported dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return name
+
+
+def _first(value):
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    """rope_theta from either `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (4.x)."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    for source in (params, scaling):
+        kind = source.get("rope_type", source.get("type", "default"))
+        if kind != "default":
+            raise CheckpointError(f"rope scaling type {kind!r} is not supported; only plain RoPE (rope_type "
+                                  f"'default') is")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def config_from_hf(hf: dict[str, Any], dtype=None) -> ModelConfig:
+    """Our ModelConfig from a Hugging Face config.json dict (llama, mistral, qwen2 model types)."""
+    model_type = hf.get("model_type", "llama")
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"model_type {model_type!r} is not supported; expected one of {', '.join(MODEL_TYPES)}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"hidden_act {hf['hidden_act']!r} is not supported; the MLP is SwiGLU (silu)")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise CheckpointError("attention_bias / mlp_bias checkpoints are not supported; only Qwen2's q/k/v bias is")
+    heads = hf["num_attention_heads"]
+    max_seq_len = hf.get("max_position_embeddings", 2048)
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type == "mistral") else None
+    if window:  # within one window sliding-window attention is full attention
+        max_seq_len = min(max_seq_len, window)
+    name = _dtype_name(dtype) if dtype is not None else "float32"
+    try:
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rope_theta=_rope_theta(hf),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), max_seq_len=max_seq_len,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=MODEL_TYPES[model_type],
+            param_dtype=name, dtype=name, bos_token_id=_first(hf.get("bos_token_id")),
+            eos_token_id=_first(hf.get("eos_token_id")))
+    except KeyError as e:
+        raise CheckpointError(f"config.json lacks {e.args[0]!r}") from None
+    except ConfigError as e:
+        raise CheckpointError(f"config.json describes no valid model: {e}") from None
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """A config.json dict that transformers' LlamaForCausalLM (Qwen2ForCausalLM with q/k/v bias) loads."""
+    architecture, model_type = EXPORT_ARCHITECTURES[config.qkv_bias]
+    hf = {
+        "architectures": [architecture], "model_type": model_type, "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim_, "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "tie_word_embeddings": config.tie_embeddings, "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id, "dtype": config.param_dtype, "torch_dtype": config.param_dtype,
+    }
+    if config.qkv_bias:
+        hf.update(use_sliding_window=False, sliding_window=None)
+    else:
+        hf.update(attention_bias=False, mlp_bias=False)
+    return hf
+
+
+# ---- names and shapes -----------------------------------------------------------------------------
+def hf_layout(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
+    """HF tensor name -> (our param path, HF shape, transposed?) for every tensor a dense model holds."""
+    d = config.hidden_size
+    layout = {"model.embed_tokens.weight": (("embed", "embedding"), (config.vocab_size, d), False),
+              "model.norm.weight": (("final_norm", "scale"), (d,), False)}
+    for path in config.matrix_paths():
+        d_in, d_out = config.matrix_shape(path)
+        keys = tuple(path.split("/"))
+        hf = "lm_head" if path == "lm_head" else f"model.layers.{keys[0][7:]}.{_HF_PROJ[keys[-1]]}"
+        layout[f"{hf}.weight"] = ((*keys, "kernel"), (d_out, d_in), True)
+        if config.qkv_bias and keys[-1] in ("q", "k", "v"):
+            layout[f"{hf}.bias"] = ((*keys, "bias"), (d_out,), False)
+    for i in range(config.num_layers):
+        layout[f"model.layers.{i}.input_layernorm.weight"] = ((f"layers_{i}", "attn_norm", "scale"), (d,), False)
+        layout[f"model.layers.{i}.post_attention_layernorm.weight"] = (
+            (f"layers_{i}", "mlp_norm", "scale"), (d,), False)
+    return layout
+
+
+def params_from_hf(tensors: Iterable[tuple[str, np.ndarray]], config: ModelConfig) -> dict:
+    """Our params tree from (HF name, HF-layout array) pairs, consumed one at a time.
+
+    Each array is checked against the shape `config` implies, transposed when it is a matrix, and cast to
+    `config.param_dtype`; it is released before the next one is read.
+    """
+    layout = hf_layout(config)
+    dtype = config.jnp_param_dtype
+    params: dict = {}
+    seen = set()
+    for name, array in tensors:
+        if name not in layout:
+            if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_embeddings):
+                continue
+            raise CheckpointError(f"unexpected tensor {name} {tuple(array.shape)}: not part of a "
+                                  f"{config.num_layers}-layer {'Qwen2' if config.qkv_bias else 'LLaMA'} model")
+        keys, shape, transposed = layout[name]
+        if tuple(array.shape) != shape:
+            raise CheckpointError(f"tensor {name} has shape {tuple(array.shape)}; the config implies {shape}")
+        node = params
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = jnp.asarray(array.T if transposed else array, dtype=dtype)
+        seen.add(name)
+    missing = [name for name in layout if name not in seen]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"checkpoint lacks tensor {missing[0]}{more}")
+    return params
+
+
+# ---- reading --------------------------------------------------------------------------------------
+def safetensors_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of an HF directory: `model.safetensors`, or the shards its index lists."""
+    path = Path(path)
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    index = path / INDEX_FILE
+    if not index.is_file():
+        raise CheckpointError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+    weight_map = json.loads(index.read_text())["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if not (path / shard).is_file():
+            raise CheckpointError(f"shard {shard} listed in {index} is missing")
+    return [path / shard for shard in shards]
+
+
+def read_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) for every tensor of the files, one tensor in memory at a time."""
+    for file in files:
+        with safe_open(file, framework="numpy") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_hf(path: str | os.PathLike, dtype=None) -> tuple[ModelConfig, dict]:
+    """(config, params) from an HF directory; params in `dtype` (default float32), also the compute dtype."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no Hugging Face checkpoint directory at {path}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    config = config_from_hf(json.loads(config_file.read_text()), dtype)
+    return config, params_from_hf(read_safetensors(safetensors_files(path)), config)
+
+
+# ---- writing --------------------------------------------------------------------------------------
+def _dense(params, config: ModelConfig) -> tuple[dict, ModelConfig]:
+    """Lowrank matrices multiplied out (K = A B); cola/sltrain linears have no dense equivalent from params alone."""
+    for path, spec in config.linears:
+        if spec.kind != "lowrank":
+            raise CheckpointError(f"{path} is a {spec.kind} linear; only dense and lowrank matrices can be "
+                                  f"exported as dense weights")
+    return densify(params, config)
+
+
+def hf_state_dict(params, config: ModelConfig) -> dict[str, np.ndarray]:
+    """HF-named numpy arrays (weights (out, in)) of a dense params tree."""
+    out = {}
+    for name, (keys, shape, transposed) in hf_layout(config).items():
+        node = params
+        try:
+            for key in keys:
+                node = node[key]
+        except KeyError:
+            raise CheckpointError(f"params lack {'/'.join(keys)} (for {name})") from None
+        array = np.asarray(node)
+        out[name] = np.ascontiguousarray(array.T if transposed else array)
+        if out[name].shape != shape:
+            raise CheckpointError(f"param {'/'.join(keys)} has shape {array.shape}; the config implies "
+                                  f"{shape[::-1] if transposed else shape}")
+    return out
+
+
+def save_hf(params, config: ModelConfig, out_dir: str | os.PathLike, tokenizer=None,
+            overwrite: bool = False) -> Path:
+    """Write a dense HF checkpoint (model.safetensors, config.json[, tokenizer files]) to `out_dir`.
+
+    Lowrank matrices are multiplied out first. Files are written to a temporary sibling directory that is
+    renamed into place at the end, so a failure leaves no partial checkpoint behind.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; pass overwrite=True to replace it")
+    params, config = _dense(params, config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(hf_state_dict(params, config), str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        for file in tmp.iterdir():
+            os.chmod(file, 0o644)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = tmp.with_name(tmp.name + ".old")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
