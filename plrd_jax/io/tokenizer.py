@@ -95,6 +95,7 @@ class Tokenizer:
     def save(self, out_dir: str | os.PathLike) -> None:
         """tokenizer.json + tokenizer_config.json, readable by transformers' AutoTokenizer."""
         out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(out / "tokenizer.json"))
         bos, eos = (None if i is None else self.backend.id_to_token(i) for i in (self.bos_token_id, self.eos_token_id))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
