@@ -6,8 +6,9 @@ looked up by the matrix's path) chooses the parameters it holds:
   dense    kernel (d_in, d_out)                              y = x K
   lowrank  A (d_in, r), B (r, d_out)                         y = (x A) B
   cola     A (d_in, r), B (r, d_out)                         y = σ(x A) B          (σ = SiLU)
-  sltrain  A (d_in, r), B (r, d_out), values (nnz,)          y = (α/r)(x A) B + x S
-           and, outside the trainable params, the fixed support indices (nnz,) in collection "support"
+  sltrain  A (d_in, r), B (r, d_out), values (nnz,),        y = (α/r)(x A) B + x S
+           indices (nnz,) int32: S's fixed support, flat positions in (d_in, d_out); an integer leaf, so it
+           never trains (`plrd_jax.train.trainable` keeps floating leaves only) but saves and shards with the rest
 
 `bias (d_out,)` is added when asked for (Qwen2's q/k/v). Factors are never multiplied into a dense K.
 """
@@ -78,9 +79,7 @@ class Linear(nn.Module):
             y = h @ b.astype(self.dtype)
             if spec.kind == "sltrain":
                 y = y * (spec.alpha / r)
-                indices = self.variable(
-                    "support", "indices",
-                    lambda: sparse_support(self.make_rng("params"), d_in, d_out, spec.nnz)).value
+                indices = self.param("indices", lambda k: sparse_support(k, d_in, d_out, spec.nnz))
                 values = self.param("values", symmetric_uniform(1 / math.sqrt(d_in)), (spec.nnz,),
                                     self.param_dtype)
                 y = y + sparse_matmul(x, values, indices, d_in, d_out)
