@@ -41,7 +41,7 @@ def main():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from plrd_jax.io.load import load_model, resolve_gguf
+    from plrd_jax.io.load import embedded_path, load_model
     from plrd_jax.model import Decoder
 
     config, params, _ = load_model(args.model, dtype=args.dtype)
@@ -53,7 +53,7 @@ def main():
     forward(params, x).block_until_ready()
     ours = lambda: forward(params, x).block_until_ready()
 
-    path = resolve_gguf(args.model)
+    path = str(embedded_path(args.model))
     torch.set_num_threads(os.cpu_count())
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),

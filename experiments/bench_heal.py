@@ -46,7 +46,7 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from plrd_jax.io.load import load_model, resolve_gguf
+    from plrd_jax.io.load import embedded_path, load_model
     from plrd_jax.model import Decoder
     from plrd_jax.sharding import make_mesh, param_shardings
     from plrd_jax.train import HealConfig, init_train_state, make_heal_step, model_flops_per_token
@@ -82,7 +82,7 @@ def main():
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(os.cpu_count())
-        path = resolve_gguf(args.model)
+        path = str(embedded_path(args.model))
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
         hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                   dtype=dtype).train()
