@@ -11,6 +11,12 @@ Parameter paths (stable; the transforms address matrices by them):
   lm_head/...                            only when embeddings are untied
 
 Kernels are (d_in, d_out), `y = x K` (the transpose of a PyTorch/HF weight).
+
+Structured-pruning masks (Sheared-LLaMA, see plrd_jax/masks.py): `Decoder(...)(tokens, masks=...)` takes an
+optional dict with any of `z_layer [L]`, `z_head [L, H]`, `z_int [L, m]`, `z_hidden [d]`. z_layer scales a
+layer's attention and MLP outputs; z_head each query head's attention output (before o); z_int `up(x)`;
+z_hidden the embeddings, the attention and MLP outputs and every RMSNorm's output, whose mean square is then
+taken over the kept (z_hidden ≠ 0) dims only. Without masks the computation is exactly the unmasked one.
 """
 from __future__ import annotations
 
@@ -31,11 +37,16 @@ class RMSNorm(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, z_hidden=None):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         h = x.astype(jnp.float32)
-        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        return scale.astype(x.dtype) * h.astype(x.dtype)
+        if z_hidden is None:
+            h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+            return scale.astype(x.dtype) * h.astype(x.dtype)
+        kept = (z_hidden != 0).astype(jnp.float32)  # mean square over the kept dims only
+        mean_sq = jnp.sum(h * h * kept, axis=-1, keepdims=True) / jnp.maximum(jnp.sum(kept), 1.0)
+        h = h * jax.lax.rsqrt(mean_sq + self.eps)
+        return scale.astype(x.dtype) * h.astype(x.dtype) * z_hidden.astype(x.dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -58,7 +69,7 @@ class Attention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, cache: dict | None = None):
+    def __call__(self, x, positions, cache: dict | None = None, z_head=None):
         c, p = self.config, f"layers_{self.layer}/attn"
         B, T, _ = x.shape
         H, KV, hd = c.num_heads, c.num_kv_heads, c.head_dim_
@@ -78,7 +89,10 @@ class Attention(nn.Module):
         causal = k_pos[:, None, :] <= positions[:, :, None]  # (B, T, S)
         scores = jnp.where(causal[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(c.jnp_dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(probs.dtype)).reshape(B, T, H * hd)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(probs.dtype))
+        if z_head is not None:  # query head h = kv·(H/KV) + g
+            out = out * z_head.reshape(KV, H // KV, 1).astype(out.dtype)
+        out = out.reshape(B, T, H * hd)
         return linear(c, f"{p}/o", c.hidden_size, "o")(out), cache
 
 
@@ -87,10 +101,12 @@ class MLP(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, z_int=None):
         c, p = self.config, f"layers_{self.layer}/mlp"
         gate = linear(c, f"{p}/gate", c.intermediate_size, "gate")(x)
         up = linear(c, f"{p}/up", c.intermediate_size, "up")(x)
+        if z_int is not None:
+            up = up * z_int.astype(up.dtype)
         return linear(c, f"{p}/down", c.hidden_size, "down")(nn.silu(gate) * up)
 
 
@@ -99,13 +115,25 @@ class Block(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, cache=None):
+    def __call__(self, x, positions, cache=None, masks=None):
         c = self.config
+        if masks is None:
+            h, cache = Attention(c, self.layer, name="attn")(
+                RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="attn_norm")(x), positions, cache)
+            x = x + h
+            x = x + MLP(c, self.layer, name="mlp")(RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="mlp_norm")(x))
+            return x, cache
+        # masks: this layer's {z_layer (), z_head (H,), z_int (m,), z_hidden (d,)}, each optional
+        z_hidden, out_scale = masks.get("z_hidden"), 1.0
+        for z in (masks.get("z_layer"), z_hidden):
+            out_scale = out_scale if z is None else out_scale * z.astype(x.dtype)
         h, cache = Attention(c, self.layer, name="attn")(
-            RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="attn_norm")(x), positions, cache)
-        x = x + h
-        x = x + MLP(c, self.layer, name="mlp")(RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="mlp_norm")(x))
-        return x, cache
+            RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="attn_norm")(x, z_hidden), positions, cache,
+            masks.get("z_head"))
+        x = x + h * out_scale
+        h = MLP(c, self.layer, name="mlp")(
+            RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="mlp_norm")(x, z_hidden), masks.get("z_int"))
+        return x + h * out_scale, cache
 
 
 class Decoder(nn.Module):
@@ -114,24 +142,37 @@ class Decoder(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, cache: Cache | None = None):
+    def __call__(self, tokens, positions=None, cache: Cache | None = None, masks: dict | None = None):
         c = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed")
         x = embed(tokens)
+        z_hidden = None if masks is None else masks.get("z_hidden")
+        if z_hidden is not None:
+            x = x * z_hidden.astype(x.dtype)
         new_cache = []
         for i in range(c.num_layers):
-            x, layer_cache = Block(c, i, name=f"layers_{i}")(x, positions, None if cache is None else cache[i])
+            layer_masks = None if masks is None else _layer_masks(masks, i)
+            x, layer_cache = Block(c, i, name=f"layers_{i}")(x, positions, None if cache is None else cache[i],
+                                                              layer_masks)
             new_cache.append(layer_cache)
-        x = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="final_norm")(x)
+        x = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="final_norm")(x, z_hidden)
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:
             logits = linear(c, "lm_head", c.vocab_size, "lm_head")(x)
         logits = logits.astype(jnp.float32)
         return logits if cache is None else (logits, new_cache)
+
+
+def _layer_masks(masks: dict, i: int) -> dict:
+    """Layer i's slice of a mask dict: z_layer[i], z_head[i], z_int[i]; z_hidden is shared."""
+    out = {name: masks[name][i] for name in ("z_layer", "z_head", "z_int") if masks.get(name) is not None}
+    if masks.get("z_hidden") is not None:
+        out["z_hidden"] = masks["z_hidden"]
+    return out
 
 
 def init_cache(config: ModelConfig, batch: int, length: int) -> Cache:
