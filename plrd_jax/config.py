@@ -16,6 +16,9 @@ import jax.numpy as jnp
 MATRIX_KINDS = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
 LINEAR_KINDS = ("dense", "lowrank", "cola", "sltrain")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Activation rematerialization of each block (see plrd_jax.model.remat_policy): none, full (recompute the block),
+# dots (keep matmul outputs), bottleneck (keep only the r-dim activations of factorized linears: CoLA-M).
+REMAT_POLICIES = ("none", "full", "dots", "bottleneck")
 
 
 class ConfigError(ValueError):
@@ -70,6 +73,8 @@ class ModelConfig:
     eos_token_id: int | None = 2
     # Non-dense matrices only: ((path, spec), ...) sorted by path; every other matrix is dense.
     linears: tuple[tuple[str, LinearSpec], ...] = ()
+    remat: str = "none"  # one of REMAT_POLICIES
+    only_lr_act: bool = False  # CoLA: the MLP is down(gate(x) · up(x)), no SiLU of its own on the gate
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -78,6 +83,8 @@ class ModelConfig:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.head_dim_ % 2:
             raise ConfigError(f"head_dim {self.head_dim_} must be even for rotary embeddings")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"unknown remat policy {self.remat!r}; expected one of {', '.join(REMAT_POLICIES)}")
         for name in (self.param_dtype, self.dtype):
             if name not in DTYPES:
                 raise ConfigError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
