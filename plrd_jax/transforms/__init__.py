@@ -2,11 +2,17 @@
 
   plan.py       RankPlan (which matrix gets which rank), resolve_plan / resolve_ranks, parameter counts
   factorize.py  factorize (K -> A B), reduce_rank (A B -> lower rank without forming K), densify (A B -> K)
+  decompositions.py  svd / whitened (SVD-LLM) / asvd / fisher (FWSVD) rank-r approximations from calibration stats
 """
+from plrd_jax.transforms.decompositions import (METHODS, Decomposition, DecompositionError, Spectrum, decompose,
+                                                decompose_factors, decomposed_factors, describe_scaling,
+                                                output_errors, reduced_factors, truncate)
 from plrd_jax.transforms.factorize import densify, factorize, reduce_factors, reduce_rank, svd_factors
 from plrd_jax.transforms.plan import (GROUPS, MatrixPlan, PlanError, RankPlan, count_params, find_matrices,
                                       predict_param_count, resolve_plan, resolve_ranks, singular_values)
 
-__all__ = ["GROUPS", "MatrixPlan", "PlanError", "RankPlan", "count_params", "densify", "factorize",
+__all__ = ["METHODS", "Decomposition", "DecompositionError", "Spectrum", "decompose", "decompose_factors",
+           "decomposed_factors", "describe_scaling", "output_errors", "reduced_factors", "truncate",
+           "GROUPS", "MatrixPlan", "PlanError", "RankPlan", "count_params", "densify", "factorize",
            "find_matrices", "predict_param_count", "reduce_factors", "reduce_rank", "resolve_plan",
            "resolve_ranks", "singular_values", "svd_factors"]

@@ -9,6 +9,10 @@ Linear algebra runs in float32 (or wider, if the params are) with jnp, on the de
 inside jit; its backward error (~1e-7 · ‖K‖) is far below the rounding of a bfloat16 param and on par with
 a float32 one, and the factors are cast back to the param dtype. Matmuls ask for "highest" precision so that
 TPU/GPU do not round them through bfloat16/TF32.
+
+A decomposition other than plain "svd" (`decompositions.py`: whitened, asvd, fisher) needs calibration
+statistics `stats`, a dict path -> `plrd_jax.calibrate.MatrixStats`; it is chosen by the plan's
+`decomposition` field or the `decomposition` argument, which wins.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from plrd_jax.config import LinearSpec, ModelConfig
+from plrd_jax.transforms.decompositions import (Decomposition, as_decomposition, check_stats, decomposed_factors,
+                                                reduced_factors)
 from plrd_jax.transforms.plan import PlanError, RankPlan, check_ranks, is_matrix, resolve_ranks, singular_values
 
 __all__ = ["svd_factors", "reduce_factors", "singular_values", "factorize", "reduce_rank", "densify"]
@@ -69,16 +75,31 @@ def _check_kinds(config: ModelConfig | None, paths):
             raise PlanError(f"{path} is a {kind} linear; only dense and lowrank matrices can be re-ranked")
 
 
-def _apply_ranks(params, ranks: Mapping[str, int], config: ModelConfig | None):
+def _decomposition(plan, decomposition, stats, paths) -> Decomposition:
+    """The decomposition asked for (argument, else the plan's, else plain svd), its statistics checked."""
+    if decomposition is None and isinstance(plan, RankPlan):
+        decomposition = plan.decomposition
+    decomposition = as_decomposition(decomposition)
+    for path in paths if decomposition.needs_stats else ():
+        check_stats(decomposition, None if stats is None else stats.get(path), path)
+    return decomposition
+
+
+def _apply_ranks(params, ranks: Mapping[str, int], config: ModelConfig | None,
+                 decomposition: Decomposition = Decomposition(), stats=None):
+    plain = decomposition.method == "svd"
+
     def new_node(path, node):
         if path not in ranks:
             return node
         r, out = ranks[path], {}
+        s = None if plain else stats[path]
         for key, value in node.items():
             if key == "kernel":
-                out["A"], out["B"] = svd_factors(value, r)
+                out["A"], out["B"] = svd_factors(value, r) if plain else decomposed_factors(value, r, decomposition, s)
             elif key == "A":
-                out["A"], out["B"] = reduce_factors(node["A"], node["B"], r)
+                out["A"], out["B"] = (reduce_factors(node["A"], node["B"], r) if plain else
+                                      reduced_factors(node["A"], node["B"], r, decomposition, s))
             elif key != "B":
                 out[key] = value
         return out
@@ -89,8 +110,10 @@ def _apply_ranks(params, ranks: Mapping[str, int], config: ModelConfig | None):
     return new_params, config.with_linears({p: LinearSpec("lowrank", rank=r) for p, r in ranks.items()})
 
 
-def factorize(params, plan: RankPlan | Mapping[str, int], config: ModelConfig | None = None):
-    """Each selected dense kernel K -> A, B of `svd_factors` at its planned rank (bias untouched).
+def factorize(params, plan: RankPlan | Mapping[str, int], config: ModelConfig | None = None, *,
+              stats=None, decomposition: str | Decomposition | None = None):
+    """Each selected dense kernel K -> A, B of `svd_factors` at its planned rank (bias untouched), or of the
+    plan's (or `decomposition`'s) method with calibration `stats` (path -> MatrixStats; see module docstring).
 
     plan: a `RankPlan`, or a ranks dict path -> r applied exactly as given (even where it saves nothing).
     Returns (params, config) with `LinearSpec("lowrank", rank=r)` for each factorized path (None if no config).
@@ -101,17 +124,19 @@ def factorize(params, plan: RankPlan | Mapping[str, int], config: ModelConfig | 
         if matrices[path].rank is not None:
             raise PlanError(f"{path} is already factorized (rank {matrices[path].rank}); lower it with reduce_rank")
     _check_kinds(config, ranks)
-    return _apply_ranks(params, ranks, config)
+    return _apply_ranks(params, ranks, config, _decomposition(plan, decomposition, stats, ranks), stats)
 
 
-def reduce_rank(params, plan: RankPlan | Mapping[str, int], config: ModelConfig | None = None):
-    """Factorized matrices -> the planned lower rank by `reduce_factors` (A B is never formed); dense ones
-    selected by the plan are factorized, so a stage can widen the set. Returns (params, config) as `factorize`.
+def reduce_rank(params, plan: RankPlan | Mapping[str, int], config: ModelConfig | None = None, *,
+                stats=None, decomposition: str | Decomposition | None = None):
+    """Factorized matrices -> the planned lower rank by `reduce_factors` (A B is never formed), or by the
+    chosen decomposition's re-truncation of A B with `stats`; dense ones selected by the plan are factorized,
+    so a stage can widen the set. Returns (params, config) as `factorize`.
     """
     ranks = dict(plan) if isinstance(plan, Mapping) else resolve_ranks(params, plan)
     check_ranks(params, ranks)
     _check_kinds(config, ranks)
-    return _apply_ranks(params, ranks, config)
+    return _apply_ranks(params, ranks, config, _decomposition(plan, decomposition, stats, ranks), stats)
 
 
 def densify(params, config: ModelConfig | None = None):

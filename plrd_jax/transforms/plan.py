@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from plrd_jax.model import count_params
+from plrd_jax.transforms.decompositions import Decomposition, as_decomposition
 
 # Group name -> regex over paths. Our decoder's names; any other tree uses globs or "re:" patterns.
 GROUPS = {
@@ -50,6 +51,8 @@ class RankPlan:
     Derived ranks (all but `rank`) are rounded to a multiple of `multiple_of` ("down" or "nearest", at least
     one multiple). A dense matrix is factorized only when that saves parameters, r < d_in·d_out/(d_in+d_out);
     a factorized one only ever goes down in rank. Anything else stays as it is (see `resolve_plan`).
+    decomposition: how factorize / reduce_rank compute the rank-r factors ("svd", "whitened", "asvd", "fisher"
+    or a `Decomposition`; all but "svd" need calibration statistics).
     """
 
     matrices: tuple[str, ...] = ("attn", "mlp")
@@ -60,8 +63,10 @@ class RankPlan:
     budget: int | None = None
     multiple_of: int = 1
     rounding: str = "down"
+    decomposition: str | Decomposition = "svd"
 
     def __post_init__(self):
+        object.__setattr__(self, "decomposition", as_decomposition(self.decomposition))
         for name in ("matrices", "exclude"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
