@@ -84,13 +84,24 @@ def linear_paths(config: ModelConfig, params) -> dict[str, tuple[int, int]]:
     return {path: (x.shape[-1], config.matrix_shape(path)[1]) for path, x in records.items()}
 
 
-def _add_inputs(stats: MatrixStats, x: jax.Array, weights: jax.Array) -> MatrixStats:
-    """x (B, T, d_in), weights (B,) -> stats + the weighted tokens' XᵀX, Σ|x| and count."""
+def _input_moments(x: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x (B, T, d_in), weights (B,) -> the weighted tokens' XᵀX, Σ|x| and count."""
     x = x.astype(jnp.float32).reshape(x.shape[0], -1, x.shape[-1])
     wx = x * weights[:, None, None]
-    xtx = jnp.einsum("btd,bte->de", wx, x, precision="highest")
-    return stats._replace(xtx=stats.xtx + xtx, abs_sum=stats.abs_sum + jnp.abs(wx).sum((0, 1)),
-                          tokens=stats.tokens + weights.sum() * x.shape[1])
+    return (jnp.einsum("btd,bte->de", wx, x, precision="highest"), jnp.abs(wx).sum((0, 1)),
+            weights.sum() * x.shape[1])
+
+
+def _add_inputs(stats: dict, records: dict, weights: jax.Array) -> dict:
+    """stats + the moments of each recorded input, computed once per distinct input (q, k, v share theirs)."""
+    moments, new = {}, {}
+    for path, s in stats.items():
+        x = records[path]
+        if id(x) not in moments:
+            moments[id(x)] = _input_moments(x, weights)
+        xtx, abs_sum, tokens = moments[id(x)]
+        new[path] = s._replace(xtx=s.xtx + xtx, abs_sum=s.abs_sum + abs_sum, tokens=s.tokens + tokens)
+    return new
 
 
 def _make_step(config: ModelConfig, shapes: dict[str, tuple[int, int]], fisher: bool):
@@ -100,7 +111,7 @@ def _make_step(config: ModelConfig, shapes: dict[str, tuple[int, int]], fisher: 
         records: dict = {}
         with _record_linears(records):
             model.apply({"params": params}, tokens)
-        return {p: _add_inputs(stats[p], records[p], weights) for p in stats}
+        return _add_inputs(stats, records, weights)
 
     def fisher_step(stats, params, tokens, weights):
         def window(stats, inputs):
@@ -114,11 +125,10 @@ def _make_step(config: ModelConfig, shapes: dict[str, tuple[int, int]], fisher: 
                 return next_token_loss(logits, tokens_w[None]), records
 
             (_, records), grads = jax.value_and_grad(loss_fn, has_aux=True)(probes)
-            new = {}
-            for p in stats:
+            new = _add_inputs(stats, records, weight[None])
+            for p, s in new.items():
                 x = records[p].astype(jnp.float32)[0]
                 grad_k = jnp.matmul(x.T, grads[p][0], precision="highest")  # ∂L_w/∂K (d_in, d_out)
-                s = _add_inputs(stats[p], x[None], weight[None])
                 new[p] = s._replace(fisher_rows=s.fisher_rows + weight * jnp.sum(grad_k * grad_k, axis=1))
             return new, None
 
