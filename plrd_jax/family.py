@@ -129,8 +129,9 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
     parent_count = count_params(parent_params)
     run_id = fingerprint({"parent": parent, "schedule": schedule.to_dict(), "data": data_spec, "seed": seed,
                           "parent_params": parent_count})
-    existing = [store.metadata(s) for s in store.steps()]
-    if existing and any(m.get("run") != run_id for m in existing):
+    existing = {s: store.metadata(s) for s in store.steps()}
+    mine = {s for s, m in existing.items() if m.get("method", "plrd") == "plrd"}  # other methods live beside
+    if any(existing[s].get("run") != run_id for s in mine):
         raise StoreError(f"{store.directory} holds checkpoints of another family run (different parent, schedule "
                          "or data); choose a new --out directory")
     steps = [schedule.steps(s) for s in schedule.stages]
@@ -140,7 +141,7 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
         teacher_params = jax.device_put(parent_params, param_shardings(parent_params, mesh))
     ppl_parent = None
     results, prev_config, prev_params = [], parent_config, parent_params
-    saved = set(store.steps())
+    saved = mine
     for k, stage in enumerate(schedule.stages):
         start, n_steps = starts[k], steps[k]
         final = start + n_steps
@@ -154,8 +155,8 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
             continue
         t0 = time.perf_counter()
         resume = max((s for s in saved if start <= s < final), default=None)
-        heal = schedule.heal.replace(total_steps=max(n_steps, 1), warmup_steps=min(schedule.heal.warmup_steps,
-                                                                                    max(n_steps, 1)))
+        heal = schedule.heal.replace(total_steps=max(n_steps, 1),
+                                     warmup_steps=min(schedule.heal.warmup_steps, max(n_steps - 1, 0)))
         on_event("stage", {"member": k, "name": stage.name, "steps": n_steps, "resume_step": resume})
         if resume is not None:
             meta = store.metadata(resume)

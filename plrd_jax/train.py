@@ -93,7 +93,9 @@ class HealConfig:
 def learning_rate_schedule(heal_config: HealConfig) -> optax.Schedule:
     """0 → lr linearly over warmup_steps, then cosine to end_lr_fraction · lr at total_steps (constant after)."""
     h = heal_config
-    return optax.warmup_cosine_decay_schedule(0.0, h.lr, h.warmup_steps, h.total_steps, h.lr * h.end_lr_fraction)
+    # optax needs a cosine of at least one step; with no steps left after warmup it is never reached anyway.
+    decay_steps = max(h.total_steps, h.warmup_steps + 1)
+    return optax.warmup_cosine_decay_schedule(0.0, h.lr, h.warmup_steps, decay_steps, h.lr * h.end_lr_fraction)
 
 
 def decay_mask(params) -> Any:
