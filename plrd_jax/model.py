@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from plrd_jax.config import ModelConfig
-from plrd_jax.linears import Linear
+from plrd_jax.linears import BOTTLENECK, Linear
 
 Cache = list[dict[str, jax.Array]]
 
@@ -107,7 +107,9 @@ class MLP(nn.Module):
         up = linear(c, f"{p}/up", c.intermediate_size, "up")(x)
         if z_int is not None:
             up = up * z_int.astype(up.dtype)
-        return linear(c, f"{p}/down", c.hidden_size, "down")(nn.silu(gate) * up)
+        if not c.only_lr_act:  # CoLA's only_lr_act: the low-rank activations are the MLP's only nonlinearity
+            gate = nn.silu(gate)
+        return linear(c, f"{p}/down", c.hidden_size, "down")(gate * up)
 
 
 class Block(nn.Module):
@@ -153,9 +155,10 @@ class Decoder(nn.Module):
         if z_hidden is not None:
             x = x * z_hidden.astype(x.dtype)
         new_cache = []
+        block = Block if c.remat == "none" else nn.remat(Block, policy=remat_policy(c.remat))
         for i in range(c.num_layers):
             layer_masks = None if masks is None else _layer_masks(masks, i)
-            x, layer_cache = Block(c, i, name=f"layers_{i}")(x, positions, None if cache is None else cache[i],
+            x, layer_cache = block(c, i, name=f"layers_{i}")(x, positions, None if cache is None else cache[i],
                                                               layer_masks)
             new_cache.append(layer_cache)
         x = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="final_norm")(x, z_hidden)
@@ -165,6 +168,21 @@ class Decoder(nn.Module):
             logits = linear(c, "lm_head", c.vocab_size, "lm_head")(x)
         logits = logits.astype(jnp.float32)
         return logits if cache is None else (logits, new_cache)
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of each block for `ModelConfig.remat` (only the block's input is kept besides):
+    full: nothing saved, the whole block recomputed in the backward pass; dots: matmul outputs without batch
+    dims saved (projections kept, attention and elementwise work recomputed); bottleneck (CoLA-M): only the
+    r-dim activations x A of factorized linears (tagged `linears.BOTTLENECK`) saved."""
+    policies = jax.checkpoint_policies
+    if name == "full":
+        return policies.nothing_saveable
+    if name == "dots":
+        return policies.dots_with_no_batch_dims_saveable
+    if name == "bottleneck":
+        return policies.save_only_these_names(BOTTLENECK)
+    raise ValueError(f"unknown remat policy {name!r}; expected full, dots or bottleneck")
 
 
 def _layer_masks(masks: dict, i: int) -> dict:
