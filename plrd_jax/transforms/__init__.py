@@ -3,7 +3,9 @@
   plan.py       RankPlan (which matrix gets which rank), resolve_plan / resolve_ranks, parameter counts
   factorize.py  factorize (K -> A B), reduce_rank (A B -> lower rank without forming K), densify (A B -> K)
   decompositions.py  svd / whitened (SVD-LLM) / asvd / fisher (FWSVD) rank-r approximations from calibration stats
+  allocate.py   ranks across matrices for a parameter budget: uniform, energy, sensitivity (greedy / knapsack)
 """
+from plrd_jax.transforms.allocate import ALLOCATIONS, Allocation, allocate_ranks, plot_rank_heatmap, ranks_by_layer
 from plrd_jax.transforms.decompositions import (METHODS, Decomposition, DecompositionError, Spectrum, decompose,
                                                 decompose_factors, decomposed_factors, describe_scaling,
                                                 output_errors, reduced_factors, truncate)
@@ -11,7 +13,8 @@ from plrd_jax.transforms.factorize import densify, factorize, reduce_factors, re
 from plrd_jax.transforms.plan import (GROUPS, MatrixPlan, PlanError, RankPlan, count_params, find_matrices,
                                       predict_param_count, resolve_plan, resolve_ranks, singular_values)
 
-__all__ = ["METHODS", "Decomposition", "DecompositionError", "Spectrum", "decompose", "decompose_factors",
+__all__ = ["ALLOCATIONS", "Allocation", "allocate_ranks", "plot_rank_heatmap", "ranks_by_layer",
+           "METHODS", "Decomposition", "DecompositionError", "Spectrum", "decompose", "decompose_factors",
            "decomposed_factors", "describe_scaling", "output_errors", "reduced_factors", "truncate",
            "GROUPS", "MatrixPlan", "PlanError", "RankPlan", "count_params", "densify", "factorize",
            "find_matrices", "predict_param_count", "reduce_factors", "reduce_rank", "resolve_plan",

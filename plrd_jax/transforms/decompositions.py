@@ -242,10 +242,12 @@ def output_errors(spectrum: Spectrum, xtx) -> np.ndarray:
     """E (k + 1,), float64: E[r] = ‖X (K − K_r)‖_F² for r = 0..k, from XᵀX alone.
 
     K − K_r = Σ_{i≥r} s_i l_i ρ_iᵀ with orthonormal rows ρ_i, so E[r] = Σ_{i≥r} s_i² l_iᵀ XᵀX l_i;
-    E[0] = ‖X K‖² and, for the whitened method, E[r] = Σ_{i≥r} σ_i².
+    E[0] = ‖X K‖² and, for the whitened method, E[r] = Σ_{i≥r} σ_i². A vector `xtx` (d_in,) is read as the
+    diagonal matrix: E[r] = Σ_i xtx_i ‖(K − K_r)_i‖² (e.g. the Fisher rows).
     """
     left = np.asarray(spectrum.left, np.float64)
     h = np.asarray(xtx, np.float64)
-    weights = np.asarray(spectrum.s, np.float64) ** 2 * np.einsum("ik,ij,jk->k", left, h, left)
+    quad = h @ (left * left) if h.ndim == 1 else np.einsum("ik,ij,jk->k", left, h, left)
+    weights = np.asarray(spectrum.s, np.float64) ** 2 * quad
     tail = np.cumsum(weights[::-1])[::-1]
     return np.concatenate([tail, [0.0]])
