@@ -26,7 +26,9 @@ GQA (the decision): `z_head` masks query heads. A target keeps `kv` whole key/va
 best query heads of every group, then the kv groups whose picked heads score highest; a group's k and v
 columns go with it. So the pruned model is always a valid GQA model (MHA when g = 1), and both "drop whole kv
 groups" (g = H/KV) and "drop query heads evenly from every group" (kv = KV) are special cases. In the expected
-size a group's k/v count with P(kept) = 1 − Π_h (1 − p_head[h]) over its query heads.
+size a group's k/v count with P(kept) = 1 − Π_h (1 − p_head[h]) over its query heads (`group_prob`). The
+pruning phase also constrains how full the groups are (`group_fill`, plrd_jax/shear.py), so that the heads it
+learns to keep come as whole groups of g when the target drops groups, and g in every group when it does not.
 """
 from __future__ import annotations
 
@@ -202,6 +204,19 @@ def deterministic(log_alpha: Masks, config: ModelConfig, target: TargetShape | N
 
 
 # ---- expected size ------------------------------------------------------------------------------
+def group_prob(head_probs: jax.Array, num_kv_heads: int) -> jax.Array:
+    """(L, H) query-head keep probabilities -> (L, KV): P(a kv group keeps any head) = 1 − Π_h (1 − p_h)."""
+    L, H = head_probs.shape
+    return 1.0 - jnp.prod(1.0 - head_probs.reshape(L, num_kv_heads, H // num_kv_heads), axis=-1)
+
+
+def group_fill(head_probs: jax.Array, num_kv_heads: int, heads_per_group: int) -> jax.Array:
+    """(L, H) query-head keep probabilities -> (L, KV): min(1, Σ_{h ∈ group} p_h / g), g = the target's query
+    heads per group: 1 for a group holding g expected heads, ≈ 0 for a dropped one."""
+    L, H = head_probs.shape
+    return jnp.minimum(1.0, head_probs.reshape(L, num_kv_heads, H // num_kv_heads).sum(-1) / heads_per_group)
+
+
 def expected_size(scores: Masks, config: ModelConfig) -> jax.Array:
     """Expected count of attention and MLP matrix params given per-unit keep probabilities (P(z > 0), or 0/1
     for a fixed mask); a missing mask counts as all ones. GQA-aware (module docstring)."""
@@ -212,7 +227,7 @@ def expected_size(scores: Masks, config: ModelConfig) -> jax.Array:
     head = scores.get("z_head", jnp.ones((L, H)))
     inter = scores.get("z_int", jnp.ones((L, m)))
     hidden_dims = jnp.sum(scores.get("z_hidden", jnp.ones((d,))))
-    group_kept = 1.0 - jnp.prod(1.0 - head.reshape(L, KV, H // KV), axis=-1)  # (L, KV)
+    group_kept = group_prob(head, KV)
     attn = 2 * hd * hidden_dims * (jnp.sum(head, axis=-1) + jnp.sum(group_kept, axis=-1))
     mlp = 3 * hidden_dims * jnp.sum(inter, axis=-1)
     return jnp.sum(layer * (attn + mlp))
