@@ -1,0 +1,349 @@
+"""7B-scale transforms with bounded host memory: a member written into the family store matrix by matrix.
+
+    factorize_streamed(hf_dir, plan, family_dir)       dense HF safetensors (sharded or not) -> low-rank member
+    reduce_streamed(family_dir, member, plan)          a stored member -> a lower-rank member
+
+Each tensor is read alone (from the safetensors file that holds it, at its byte offset), transformed by the
+library's own transforms (`svd_factors`, `reduce_factors`, or any `(K, r) -> (A, B)`), and added to the new
+member's checkpoint with an Orbax partial save; the checkpoint is finalized and moved into the store as one
+step at the end. Host memory therefore holds one source tensor, its float32 copy and its factorization at a
+time: for LLaMA-2-7B the peak stays below two float32 copies of the largest matrix (the 32000 × 4096
+embedding) plus the interpreter's fixed overhead, whatever the layer count.
+
+Everything that can be checked without reading weights is checked first (config, index, every shard present,
+every tensor present with the shape the config implies, ranks), so a broken checkpoint fails in a second.
+On an accelerator whose devices hold the whole model, `transform_sharded` runs a transform under `jax.jit`
+on device-resident, sharded params instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from plrd_jax.config import LinearSpec, ModelConfig
+from plrd_jax.io.hf import CheckpointError, _dtype_name, config_from_hf, hf_layout, safetensors_files
+from plrd_jax.transforms.factorize import reduce_factors, svd_factors
+from plrd_jax.transforms.plan import PlanError, RankPlan, check_ranks, resolve_ranks
+
+# safetensors dtype names -> numpy dtypes
+ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+             "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+FactorFn = Callable[[jax.Array, int], tuple[jax.Array, jax.Array]]  # (K (d_in, d_out), r) -> (A, B)
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    dtype: str  # safetensors name, e.g. "F16"
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    stop: int
+
+
+def read_header(file: Path) -> dict[str, TensorEntry]:
+    """name -> where its bytes lie, from a safetensors file's JSON header (no tensor data is read)."""
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{file} is too short to be a safetensors file")
+        size = int.from_bytes(raw, "little")
+        if size > 100_000_000:
+            raise CheckpointError(f"{file} has an implausible header size {size}: not a safetensors file")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError:
+            raise CheckpointError(f"{file} has no valid safetensors JSON header") from None
+    base = 8 + size
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in ST_DTYPES:
+            raise CheckpointError(f"tensor {name} in {file.name} has dtype {info['dtype']}, not one of "
+                                  f"{', '.join(ST_DTYPES)}")
+        start, stop = info["data_offsets"]
+        entries[name] = TensorEntry(file, info["dtype"], tuple(info["shape"]), base + start, base + stop)
+    return entries
+
+
+def read_tensor(entry: TensorEntry) -> np.ndarray:
+    """One tensor, read into a fresh array (one copy, in its stored dtype)."""
+    dtype = np.dtype(ST_DTYPES[entry.dtype])
+    count = int(np.prod(entry.shape, dtype=np.int64))
+    if count * dtype.itemsize != entry.stop - entry.start:
+        raise CheckpointError(f"{entry.file.name}: a {entry.dtype} tensor of shape {entry.shape} cannot span "
+                              f"{entry.stop - entry.start} bytes")
+    with open(entry.file, "rb") as f:
+        f.seek(entry.start)
+        array = np.fromfile(f, dtype=dtype, count=count)
+    if array.size != count:
+        raise CheckpointError(f"{entry.file} ends inside a tensor (truncated file)")
+    return array.reshape(entry.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedCheckpoint:
+    """An HF checkpoint opened for streaming: its config and where each tensor our layout needs lies."""
+
+    directory: Path
+    config: ModelConfig
+    tensors: dict[str, TensorEntry]  # HF name -> entry, for every tensor of `hf_layout(config)`
+
+    def params(self, dtype=None) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+        """(our param path, array) for every tensor, one read at a time; matrices transposed to (d_in, d_out)."""
+        dtype = np.dtype(self.config.jnp_param_dtype if dtype is None else dtype)
+        for name, (keys, _, transposed) in hf_layout(self.config).items():
+            array = read_tensor(self.tensors[name])
+            yield keys, np.ascontiguousarray(array.T if transposed else array, dtype=dtype)
+
+
+def open_checkpoint(path: str | os.PathLike, dtype=None) -> StreamedCheckpoint:
+    """Read config.json, the shard index and every shard's header; check every shard and tensor is there.
+
+    CheckpointError (one line) for a missing config, a shard listed in the index but absent, a tensor the
+    index places in a shard that lacks it, or a tensor missing or of the wrong shape.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no Hugging Face checkpoint directory at {path}")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    config = config_from_hf(json.loads((path / "config.json").read_text()), dtype)
+    files = safetensors_files(path)  # raises for a shard the index lists but that is missing
+    tensors: dict[str, TensorEntry] = {}
+    for file in files:
+        tensors.update(read_header(file))
+    index = path / "model.safetensors.index.json"
+    if len(files) > 1 or not (path / "model.safetensors").is_file():
+        for name, shard in json.loads(index.read_text())["weight_map"].items():
+            if name not in tensors or tensors[name].file.name != shard:
+                raise CheckpointError(f"{index.name} places {name} in {shard}, which does not hold it")
+    for name, (_, shape, _) in hf_layout(config).items():
+        if name not in tensors:
+            raise CheckpointError(f"checkpoint {path} lacks tensor {name}")
+        if tensors[name].shape != shape:
+            raise CheckpointError(f"tensor {name} has shape {tensors[name].shape}; the config implies {shape}")
+    return StreamedCheckpoint(path, config, tensors)
+
+
+# ---- shapes without weights -----------------------------------------------------------------------------
+def abstract_params(config: ModelConfig):
+    """`config`'s param tree as ShapeDtypeStructs (jax.eval_shape: nothing is allocated)."""
+    from plrd_jax.model import init_params
+
+    return jax.eval_shape(lambda: init_params(config))
+
+
+def streamed_ranks(config: ModelConfig, plan: RankPlan | Mapping[str, int]) -> dict[str, int]:
+    """path -> rank for a plan that follows from shapes alone (rank, fraction, budget) or a ranks dict."""
+    if isinstance(plan, Mapping):
+        return dict(plan)
+    if plan.energy is not None:
+        raise PlanError("an energy plan needs every matrix's singular values before the first one is written; "
+                        "stream with a rank, fraction or budget plan, or pass a ranks dict")
+    return resolve_ranks(abstract_params(config), plan)
+
+
+def member_config(config: ModelConfig, ranks: Mapping[str, int], dtype=None) -> ModelConfig:
+    new = config.with_linears({p: LinearSpec("lowrank", rank=r) for p, r in ranks.items()})
+    if dtype is not None:
+        name = _dtype_name(dtype)
+        new = new.replace(param_dtype=name, dtype=name)
+    return new
+
+
+# ---- writing a member into the family store, one matrix at a time -------------------------------------------
+def _nested(keys: tuple[str, ...], value) -> dict:
+    for key in reversed(keys):
+        value = {key: value}
+    return value
+
+
+class MemberWriter:
+    """Adds params to a new member's checkpoint piece by piece (Orbax partial saves), then commits it to the
+    family store as step `step` with `metadata`. The store sees nothing until `commit`."""
+
+    def __init__(self, family_dir: str | os.PathLike, step: int):
+        from plrd_jax.store import FamilyStore, StoreError
+
+        self.family_dir = Path(family_dir).absolute()
+        self.family_dir.mkdir(parents=True, exist_ok=True)
+        self.store = FamilyStore(self.family_dir)
+        if step in self.store.steps():
+            raise StoreError(f"{self.family_dir} already holds step {step}")
+        self.step = step
+        self.staging = self.family_dir / f".streaming-{step}"
+        shutil.rmtree(self.staging, ignore_errors=True)
+        shutil.rmtree(self.family_dir / f".streaming-{step}.partial_save", ignore_errors=True)
+        self.count = 0
+
+    def add(self, keys: tuple[str, ...], value) -> None:
+        from orbax.checkpoint import v1 as ocp
+
+        ocp.partial.save(self.staging / "params", _nested(keys, value))
+        self.count += int(np.prod(value.shape))
+
+    def commit(self, metadata: dict[str, Any]) -> None:
+        import orbax.checkpoint as ocp
+        from orbax.checkpoint import v1 as ocp_v1
+
+        ocp_v1.partial.finalize(self.staging / "params")
+        # The finalized checkpoint holds the param tree in its one checkpointable subdirectory.
+        trees = [d for d in (self.staging / "params").iterdir() if (d / "_METADATA").is_file()]
+        if len(trees) != 1:
+            raise RuntimeError(f"expected one pytree checkpoint in {self.staging / 'params'}, found {len(trees)}")
+        self.store.manager.save(self.step, args=ocp.args.Composite(metadata=ocp.args.JsonSave(metadata)),
+                                force=True)
+        self.store.manager.wait_until_finished()
+        trees[0].rename(self.family_dir / str(self.step) / "params")
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.store.close()
+
+
+def _next_member(family_dir) -> tuple[int, int]:
+    """(step, member index) for a new member appended to a (possibly new) family store."""
+    from plrd_jax.store import FamilyStore
+
+    if not Path(family_dir).is_dir():
+        return 0, 0
+    store = FamilyStore(family_dir, read_only=True)
+    steps = store.steps()
+    return (max(steps) + 1 if steps else 0), len(store.members())
+
+
+def _host(x) -> np.ndarray:
+    return np.asarray(x)
+
+
+def factorize_streamed(hf_dir: str | os.PathLike, plan: RankPlan | Mapping[str, int],
+                       family_dir: str | os.PathLike, *, name: str | None = None, dtype=None,
+                       factor_fn: FactorFn = svd_factors, progress: Progress | None = None) -> dict[str, Any]:
+    """A low-rank member of the dense HF checkpoint at `hf_dir`, written into the family store `family_dir`.
+
+    Every matrix K the plan selects becomes A, B = factor_fn(K, r) (default: the balanced truncated SVD);
+    everything else is copied. Params are stored in `dtype` (default float32). progress(info) is called after
+    each tensor with {"tensor", "layer", "done", "total"}. Returns the member's metadata.
+    """
+    source = open_checkpoint(hf_dir, dtype)
+    config = source.config
+    ranks = streamed_ranks(config, plan)
+    check_ranks(abstract_params(config), ranks)
+    new_config = member_config(config, ranks)
+    step, member = _next_member(family_dir)
+    writer = MemberWriter(family_dir, step)
+    layout = hf_layout(config)
+    parent_count = sum(int(np.prod(shape)) for _, shape, _ in layout.values())
+    for done, (keys, array) in enumerate(source.params(), start=1):
+        path = "/".join(keys[:-1])
+        if keys[-1] == "kernel" and path in ranks:
+            a, b = factor_fn(jnp.asarray(array), ranks[path])
+            del array
+            writer.add((*keys[:-1], "A"), _host(a))
+            writer.add((*keys[:-1], "B"), _host(b))
+            del a, b
+        else:
+            writer.add(keys, array)
+            del array
+        if progress is not None:
+            progress({"tensor": "/".join(keys), "layer": keys[0], "done": done, "total": len(layout)})
+    metadata = {"member": member, "name": name or f"streamed-{member}", "method": "plrd-streamed",
+                "parent": str(hf_dir), "config": new_config.to_dict(), "params": writer.count,
+                "compression": writer.count / parent_count, "tokens": 0, "step": step, "final": True,
+                "ranks": ranks}
+    writer.commit(metadata)
+    return metadata
+
+
+def _restore_subtree(params_dir: Path, subtree) -> dict:
+    """Only the leaves of `subtree` (ShapeDtypeStructs) from a stored param tree, as numpy arrays."""
+    import orbax.checkpoint as ocp
+
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), subtree)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        return checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
+            item=subtree, restore_args=restore_args, partial_restore=True))
+
+
+def _leaves_by_matrix(abstract) -> Iterator[tuple[tuple[str, ...], dict]]:
+    """(keys, node) for every matrix node (dict with kernel or A, B) and every other leaf, in tree order."""
+    def walk(node, keys):
+        if isinstance(node, Mapping) and ("kernel" in node or "A" in node):
+            yield keys, node
+        elif isinstance(node, Mapping):
+            for key, child in node.items():
+                yield from walk(child, (*keys, key))
+        else:
+            yield keys, node
+    yield from walk(abstract, ())
+
+
+def reduce_streamed(family_dir: str | os.PathLike, member: str, plan: RankPlan | Mapping[str, int], *,
+                    name: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """A lower-rank member made from stored member `member` (index or name) of the same family store, reading
+    and writing one matrix at a time: factorized matrices by `reduce_factors` (A B is never formed), dense
+    ones the plan selects by `svd_factors`. Returns the new member's metadata."""
+    from plrd_jax.store import FamilyStore
+
+    store = FamilyStore(family_dir, read_only=True)
+    meta = store.find_member(member)
+    config = ModelConfig.from_dict(meta["config"])
+    abstract = abstract_params(config)
+    ranks = streamed_ranks(config, plan)
+    check_ranks(abstract, ranks)
+    params_dir = Path(store.directory) / str(meta["step"]) / "params"
+    step, index = _next_member(family_dir)
+    writer = MemberWriter(family_dir, step)
+    nodes = list(_leaves_by_matrix(abstract))
+    for done, (keys, node) in enumerate(nodes, start=1):
+        path = "/".join(keys)
+        values = _restore_subtree(params_dir, _nested(keys, node))
+        for key in keys:
+            values = values[key]
+        if isinstance(node, Mapping) and path in ranks:
+            r = ranks[path]
+            if "kernel" in values:
+                a, b = svd_factors(jnp.asarray(values.pop("kernel")), r)
+            else:
+                a, b = reduce_factors(jnp.asarray(values.pop("A")), jnp.asarray(values.pop("B")), r)
+            values = {**values, "A": _host(a), "B": _host(b)}
+            del a, b
+        if isinstance(values, Mapping):
+            for key, value in values.items():
+                writer.add((*keys, key), value)
+        else:
+            writer.add(keys, values)
+        del values
+        if progress is not None:
+            progress({"tensor": path, "layer": keys[0], "done": done, "total": len(nodes)})
+    new_config = member_config(config, {**{p: s.rank for p, s in config.linears if s.kind == "lowrank"}, **ranks})
+    metadata = {"member": index, "name": name or f"streamed-{index}", "method": "plrd-streamed",
+                "parent": meta.get("parent"), "source_member": meta["member"], "config": new_config.to_dict(),
+                "params": writer.count, "compression": meta.get("compression", 1.0) * writer.count / meta["params"],
+                "tokens": 0, "step": step, "final": True, "ranks": ranks}
+    writer.commit(metadata)
+    return metadata
+
+
+# ---- on the accelerator: the same transforms on device-resident, sharded params ------------------------------
+def transform_sharded(transform, params, ranks: Mapping[str, int], config: ModelConfig, mesh):
+    """`transform(params, ranks)` (factorize or reduce_rank) under jit, params and result sharded on `mesh` by
+    the logical-axis rules. Returns (params, config)."""
+    from plrd_jax.sharding import param_shardings
+
+    new_config = member_config(config, {**{p: s.rank for p, s in config.linears if s.kind == "lowrank"},
+                                        **dict(ranks)})
+    out_shapes = jax.eval_shape(lambda p: transform(p, dict(ranks))[0], params)
+    fn = jax.jit(lambda p: transform(p, dict(ranks))[0], in_shardings=(param_shardings(params, mesh),),
+                 out_shardings=param_shardings(out_shapes, mesh))
+    return fn(params), new_config

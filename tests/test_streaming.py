@@ -1,0 +1,140 @@
+"""Streaming transforms: the streamed member equals the in-memory transform (numpy/jnp on the whole tree),
+sharded checkpoints and bfloat16 are read right, bad checkpoints fail before any work, and the full LLaMA-2-7B
+shapes check out under jax.eval_shape. The peak-RSS measurement is experiments/streaming_memory.py (slow)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from plrd_jax.config import LinearSpec, ModelConfig
+from plrd_jax.io.hf import CheckpointError, config_to_hf, hf_state_dict, load_hf
+from plrd_jax.model import count_params, init_params
+from plrd_jax.store import load_member
+from plrd_jax.streaming import (abstract_params, factorize_streamed, open_checkpoint, read_tensor,
+                                reduce_streamed, streamed_ranks)
+from plrd_jax.transforms import RankPlan, factorize, predict_param_count, reduce_rank
+from plrd_jax.transforms.plan import PlanError
+
+CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=80, num_layers=2, num_heads=4,
+                     num_kv_heads=2, max_seq_len=32, tie_embeddings=False)
+LLAMA2_7B = ModelConfig()  # the defaults are LLaMA-2-7B's shapes
+
+
+def write_sharded(state: dict, directory: Path, shards: int, dtype=None) -> Path:
+    """An HF checkpoint split into `shards` files with a model.safetensors.index.json, as transformers writes."""
+    directory.mkdir(parents=True)
+    names = list(state)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: (state[n] if dtype is None else state[n].astype(dtype)) for n in names[i::shards]}
+        save_file(part, str(directory / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (directory / "config.json").write_text(json.dumps(config_to_hf(CONFIG)))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    params = jax.tree.map(np.asarray, init_params(CONFIG, seed=3))
+    path = write_sharded(hf_state_dict(params, CONFIG), tmp_path_factory.mktemp("hf") / "parent", shards=3)
+    return path, params
+
+
+def leaves(params):
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def test_streamed_factorize_then_reduce_equal_the_in_memory_transforms(parent, tmp_path):
+    path, params = parent
+    plan = RankPlan(("attn", "mlp"), exclude=("re:.*/(k|v)",), rank=8)
+    meta = factorize_streamed(path, plan, tmp_path / "fam", name="r8")
+    config, streamed, stored = load_member(f"{tmp_path / 'fam'}:r8")
+    expected, expected_config = factorize(params, plan, open_checkpoint(path).config)
+    assert config == expected_config and stored == meta
+    assert meta["params"] == count_params(expected) == predict_param_count(params, streamed_ranks(CONFIG, plan))
+    a, b = leaves(streamed), leaves(expected)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+    meta2 = reduce_streamed(tmp_path / "fam", "r8", {"layers_0/mlp/up": 4, "layers_1/attn/k": 8})
+    config2, reduced, _ = load_member(f"{tmp_path / 'fam'}:1")
+    expected2, expected_config2 = reduce_rank(expected, {"layers_0/mlp/up": 4, "layers_1/attn/k": 8}, expected_config)
+    assert (meta2["member"], meta2["step"], config2) == (1, 1, expected_config2)
+    a, b = leaves(reduced), leaves(expected2)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_bfloat16_shards_are_read_exactly(parent, tmp_path):
+    _, params = parent
+    state = hf_state_dict(params, CONFIG)
+    path = write_sharded(state, tmp_path / "bf16", shards=2, dtype=ml_dtypes.bfloat16)
+    source = open_checkpoint(path)
+    name = "model.layers.1.mlp.down_proj.weight"
+    np.testing.assert_array_equal(read_tensor(source.tensors[name]), state[name].astype(ml_dtypes.bfloat16))
+    _, dense = load_hf(write_sharded(state, tmp_path / "f32", shards=2))
+    streamed = dict(("/".join(k), v) for k, v in source.params())
+    np.testing.assert_array_equal(streamed["layers_1/mlp/down/kernel"],
+                                  np.asarray(dense["layers_1"]["mlp"]["down"]["kernel"]).astype(ml_dtypes.bfloat16)
+                                  .astype(np.float32))
+
+
+def test_a_shard_missing_from_the_index_fails_before_any_work(parent, tmp_path):
+    path, _ = parent
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(path), str(broken)], check=True)
+    (broken / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="shard model-00002-of-00003.safetensors listed in .* is missing"):
+        factorize_streamed(broken, RankPlan(rank=4), tmp_path / "fam")
+    assert not (tmp_path / "fam").exists()
+
+
+def test_a_tensor_missing_or_misplaced_fails_before_any_work(parent, tmp_path):
+    path, _ = parent
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(path), str(broken)], check=True)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    moved = "model.layers.0.mlp.up_proj.weight"
+    index["weight_map"][moved] = "model-00001-of-00003.safetensors" if index["weight_map"][moved].startswith(
+        "model-00002") else "model-00002-of-00003.safetensors"
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"places {moved} in .*, which does not hold it"):
+        open_checkpoint(broken)
+    subprocess.run(["cp", str(path / "model.safetensors.index.json"), str(broken)], check=True)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(CheckpointError, match="lacks tensor model.layers.2"):
+        open_checkpoint(broken)
+    with pytest.raises(PlanError, match="energy plan"):
+        factorize_streamed(path, RankPlan(energy=0.9), tmp_path / "fam")
+
+
+def test_llama2_7b_shapes_under_eval_shape():
+    """The full 32-layer LLaMA-2-7B, progressively to ranks 2048 → 1536 → 1216 (the PLRD preset), from shapes alone."""
+    parent = abstract_params(LLAMA2_7B)
+    assert count_params(parent) == 6_738_415_616  # LLaMA-2-7B's published parameter count
+    member, config = parent, LLAMA2_7B
+    for rank, factorized in ((2048, 32 * 3), (1536, 32 * 7), (1216, 32 * 7)):
+        ranks = streamed_ranks(config, RankPlan(("attn", "mlp"), rank=rank))
+        assert len(ranks) == factorized  # at 2048 the 4096 × 4096 attention matrices stay dense (break-even 2048)
+        predicted = predict_param_count(member, ranks)
+        member = jax.eval_shape(lambda p: reduce_rank(p, ranks)[0], member)
+        config = config.with_linears({p: LinearSpec("lowrank", rank=r) for p, r in ranks.items()})
+        assert count_params(member) == predicted
+        assert jax.tree.map(lambda x: x.shape, member) == jax.tree.map(lambda x: x.shape, abstract_params(config))
+    assert count_params(member) == 3_300_659_200  # the paper's "3.3B" member
+    assert member["layers_31"]["mlp"]["down"]["A"].shape == (11008, 1216)
+    assert member["layers_0"]["attn"]["k"]["B"].shape == (1216, 4096)
+    # Largest matrices in float32: embedding and LM head, 32000 × 4096 × 4 B = 524 MB each.
+    sizes = sorted((x.size * 4 for x in jax.tree.leaves(parent)), reverse=True)
+    assert sizes[:3] == [524_288_000, 524_288_000, 180_355_072]
