@@ -215,6 +215,34 @@ def parameter_counts(params) -> dict[str, int]:
 
 
 # ---- data ---------------------------------------------------------------------------------------
+def load_tokenizer(spec: str):
+    """(tokenizer, model vocab size) for an embedded model's name ("smollm2-135m"), an HF directory or
+    tokenizer.json, or a Hugging Face hub name such as "t5-base" (downloaded; T5's vocabulary is used with
+    GaLore's 32000 embedding rows, its 100 sentinel tokens never occurring in text)."""
+    import os
+
+    from plrd_jax.io.load import EMBEDDED, embedded_path
+    from plrd_jax.io.tokenizer import Tokenizer
+
+    if spec in EMBEDDED:
+        from plrd_jax.io.gguf import open_gguf
+
+        tokenizer = Tokenizer.from_gguf(open_gguf(embedded_path(spec)))
+    elif os.path.exists(spec):
+        tokenizer = Tokenizer.from_hf(spec)
+    else:
+        from tokenizers import Tokenizer as Backend
+
+        try:
+            backend = Backend.from_pretrained(spec)
+        except Exception as err:  # the hub is unreachable or the name unknown
+            raise PretrainError(f"tokenizer {spec!r} is neither {', '.join(EMBEDDED)}, a local path, nor a "
+                                f"reachable Hugging Face hub name ({type(err).__name__})") from None
+        tokenizer = Tokenizer(backend, None, backend.token_to_id("</s>"))
+    vocab = 32000 if spec.split("/")[-1].startswith("t5-") else tokenizer.vocab_size
+    return tokenizer, vocab
+
+
 class WindowBatches:
     """Batches of packed windows [N, T] held in memory: batch k is `data.batch_at(windows, k, B, seed)`."""
 
