@@ -369,6 +369,144 @@ def cmd_shear(args):
     print(f"wrote {args.out}/shear_summary.md, shear_summary.csv, shear_ppl_vs_params.png, domain_weights_*.png")
 
 
+def shear_schedule(args, parent_config):
+    """The --preset Sheared schedule with the command line's overrides (targets, domains, budgets), checked
+    against the parent before any data is read."""
+    from plrd_jax import dynamic_loading as dl
+    from plrd_jax.masks import TargetShape
+    from plrd_jax.shear import PRESETS, ShearMember
+
+    if args.preset not in PRESETS:
+        raise ValueError(f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
+    schedule = PRESETS[args.preset]
+    members = schedule.members
+    if args.target:
+        members = []
+        for i, spec in enumerate(args.target):
+            try:
+                layers, hidden, heads, kv, inter = (int(x) for x in spec.split(","))
+            except ValueError:
+                raise ValueError(f"--target {spec!r}: expected LAYERS,HIDDEN,HEADS,KV_HEADS,INTERMEDIATE") from None
+            first = schedule.members[0]  # budgets from the preset's first member unless given
+            members.append(ShearMember(f"sheared-{layers}x{hidden}-{heads}h{kv}kv-{inter}",
+                                       TargetShape(layers, hidden, heads, inter, kv), first.prune_tokens,
+                                       first.continue_tokens))
+    members = [dataclasses.replace(m, target=m.target.resolve(parent_config),
+                                   prune_tokens=m.prune_tokens if args.prune_tokens is None else args.prune_tokens,
+                                   continue_tokens=m.continue_tokens if args.continue_tokens is None
+                                   else args.continue_tokens) for m in members]
+    domains = schedule.domains
+    names = args.domains.split(",") if args.domains else list(domains.names)
+    weights = [float(x) for x in args.weights.split(",")] if args.weights else (
+        list(domains.weights) if names == list(domains.names) else None)
+    refs = dict(_pairs(args.reference_losses, "--reference-losses", float)) if args.reference_losses else (
+        dict(zip(domains.names, domains.reference_losses)) if domains.reference_losses and names == list(
+            domains.names) else None)
+    domains = dl.Domains.build(names, weights, refs, update_every=args.update_every or domains.update_every,
+                               smoothing=domains.smoothing, clamp=args.clamp or domains.clamp)
+    top = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len),
+                             ("continue_update_every", args.continue_update_every),
+                             ("validation_windows", args.validation_windows)) if v is not None}
+    l0 = schedule.l0 if args.temperature is None else dataclasses.replace(schedule.l0, temperature=args.temperature)
+    phase = {k: v for k, v in (("lr", args.lr), ("dtype", args.dtype)) if v is not None}
+    return dataclasses.replace(schedule, members=tuple(members), domains=domains, l0=l0,
+                               prune=schedule.prune.replace(**phase), heal=schedule.heal.replace(**phase), **top)
+
+
+def _pairs(text, flag, cast=str):
+    out = []
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{flag} {item!r}: expected NAME=VALUE")
+        out.append((name, cast(value)))
+    return out
+
+
+def cmd_shear(args):
+    from plrd_jax import dynamic_loading as dl
+    from plrd_jax.data import load_dataset
+    from plrd_jax.evaluate import perplexity
+    from plrd_jax.io.load import load_model
+    from plrd_jax.model import count_params
+    from plrd_jax.report import family_rows, markdown_table, plot_ppl_vs_params, write_csv
+    from plrd_jax.shear import run_shear
+    from plrd_jax.store import FamilyStore
+
+    config, params, tokenizer = load_model(args.parent)
+    schedule = shear_schedule(args, config)  # bad targets, domains, reference losses: errors before any compute
+    sources = dl.resolve_sources(schedule.domains.names, dict(_pairs(args.source, "--source")) if args.source else {})
+    check_seq_len(max(args.eval_seq_len, schedule.seq_len), config.max_seq_len)
+    if args.eval_data in sources.values():
+        raise ValueError(f"--eval-data {args.eval_data!r} is one of the training domains; give a disjoint source")
+    steps = sum(schedule.prune_steps(m) * schedule.batch_size + schedule.continue_steps(m) * (
+        schedule.continue_batch_size or schedule.batch_size) for m in schedule.members)
+    windows = {name: load_dataset(src, tokenizer, schedule.seq_len, data_dir=args.data_dir,
+                                  max_windows=steps + schedule.validation_windows if src.startswith("tfds:") else None)
+               for name, src in sources.items()}
+    eval_data = load_dataset(args.eval_data, tokenizer, args.eval_seq_len, data_dir=args.data_dir,
+                             max_windows=-(-args.eval_tokens // args.eval_seq_len))
+    os.makedirs(args.out, exist_ok=True)
+    store = FamilyStore(args.out)
+    if tokenizer is not None and not os.path.isdir(os.path.join(args.out, "tokenizer")):
+        tokenizer.save(os.path.join(args.out, "tokenizer"))
+    parent_ppl = perplexity(config, params, eval_data.windows, batch_size=4).ppl
+    print(f"parent {args.parent}: {count_params(params):,} params, PPL {parent_ppl:.3f} on {args.eval_data}; "
+          f"domains " + ", ".join(f"{n}={s} ({len(windows[n].windows)} windows)" for n, s in sources.items()),
+          file=sys.stderr)
+    bars = {}
+
+    def on_event(kind, info):
+        from tqdm.auto import tqdm
+
+        if kind == "references":
+            print("reference losses " + ", ".join(f"{n} {x:.3f}" for n, x in zip(info["names"], info["losses"])),
+                  file=sys.stderr)
+        elif kind == "stage":
+            bars[info["member"]] = tqdm(total=info["steps"], desc=f"{info['name']} {info['phase']}", unit="step",
+                                        file=sys.stderr, dynamic_ncols=True, initial=info["resume_step"] or 0)
+        elif kind == "step":
+            bar = bars[info["member"]]
+            post = {"loss": f"{info['loss']:.3f}", "tok_s": f"{info['tokens'] / info['seconds']:.0f}"}
+            if info["phase"] == "prune":
+                post["size"] = f"{info['expected_size'] / info['target_size']:.2f}×target"
+            bar.set_postfix(post)
+            bar.update(1)
+            if info["step"] == info["steps"]:
+                bars.pop(info["member"]).close()
+        elif kind == "weights":
+            print(f"  step {info['step']} domain weights " + ", ".join(
+                f"{n} {w:.3f}" for n, w in zip(info["names"], info["weights"])), file=sys.stderr)
+        elif kind == "eval":
+            print(f"  {info['name']} PPL {info['when']}: {info['ppl']:.4g}", file=sys.stderr)
+        elif kind == "member":
+            r = info["result"]
+            print(f"  member {r.member} {r.name}: {r.params:,} params ({100 * r.fraction:.1f}%), PPL pruned "
+                  f"{r.ppl_before:.4g} -> continued {r.ppl_after:.4g}" + (" (stored earlier)" if info["restored"]
+                                                                          else ""), file=sys.stderr)
+
+    data_spec = {"domains": {n: w.spec for n, w in windows.items()}, "eval": eval_data.spec}
+    results = run_shear(args.parent, config, params, schedule, {n: w.windows for n, w in windows.items()},
+                        eval_data.windows, store, mesh_shape=tuple(int(x) for x in args.mesh.split(",")),
+                        save_every=args.save_every, seed=args.seed, data_spec=data_spec, on_event=on_event)
+    store.close()
+    rows = family_rows(results, count_params(params), parent_ppl)
+    table = markdown_table(rows)
+    with open(os.path.join(args.out, "shear_summary.md"), "w") as f:
+        f.write(table)
+    write_csv(os.path.join(args.out, "shear_summary.csv"), rows)
+    plot_ppl_vs_params(os.path.join(args.out, "shear_ppl_vs_params.png"),
+                       {"pruned": [(r.params, r.ppl_before) for r in results],
+                        "pruned + continued": [(r.params, r.ppl_after) for r in results]},
+                       (count_params(params), parent_ppl), title="Sheared members")
+    for r in results:
+        state = dl.LoaderState((), (), tuple((s, tuple(w)) for s, w in r.domain_weights))
+        dl.plot_weights(os.path.join(args.out, f"domain_weights_{r.name}.png"), state, schedule.domains.names,
+                        title=f"Domain weights, {r.name}")
+    print(table)
+    print(f"wrote {args.out}/shear_summary.md, shear_summary.csv, shear_ppl_vs_params.png, domain_weights_*.png")
+
+
 # ---- helpers ------------------------------------------------------------------------------------
 def params_by_kind(params) -> dict[str, tuple[int, list[int]]]:
     """Parameter count per matrix kind (embed, q, k, ..., norm) and the ranks of factorized ones."""
@@ -475,6 +613,38 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--save-every", type=int, default=4, help="healing checkpoint every N steps (resume)")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=cmd_family)
+
+    s = sub.add_parser("shear", help="Sheared-LLaMA members: targeted structured pruning + continued training")
+    s.add_argument("--parent", default=DEFAULT_MODEL)
+    s.add_argument("--preset", default="sheared-smollm2",
+                   help="sheared-smollm2 (CPU), llama2-7b-1.3b, llama2-7b-2.7b (TPU scale; give --source per domain)")
+    s.add_argument("--out", required=True, help="family directory (may already hold PLRD members)")
+    s.add_argument("--target", action="append", default=None,
+                   help="LAYERS,HIDDEN,HEADS,KV_HEADS,INTERMEDIATE (repeat for several members; replaces the preset's)")
+    s.add_argument("--domains", default=None, help="comma-separated domain names (local: wikitext, shakespeare, pydoc)")
+    s.add_argument("--source", default=None, help="NAME=SOURCE,... data source of a domain (file glob or tfds:NAME)")
+    s.add_argument("--weights", default=None, help="initial domain weights, comma-separated, summing to 1")
+    s.add_argument("--reference-losses", default=None,
+                   help="NAME=LOSS,... for every domain (default: the preset's, else measured on the parent)")
+    s.add_argument("--clamp", action="store_true", help="clamp the loss gap at 0 (the paper's rule)")
+    s.add_argument("--update-every", type=int, default=None, help="domain-weight update interval while pruning")
+    s.add_argument("--continue-update-every", type=int, default=None, help="... while continuing")
+    s.add_argument("--validation-windows", type=int, default=None, help="held-out windows per domain")
+    s.add_argument("--prune-tokens", type=int, default=None)
+    s.add_argument("--continue-tokens", type=int, default=None)
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--seq-len", type=int, default=None)
+    s.add_argument("--lr", type=float, default=None, help="model learning rate of both phases")
+    s.add_argument("--temperature", type=float, default=None, help="hard-concrete β (code 2/3, paper 0.83)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
+    s.add_argument("--eval-data", default="wikitext2-eval", help="evaluation text, disjoint from every domain")
+    s.add_argument("--eval-seq-len", type=int, default=512)
+    s.add_argument("--eval-tokens", type=int, default=4096)
+    s.add_argument("--data-dir", default=None, help="TFDS data_dir")
+    s.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor mesh shape (-1: the rest)")
+    s.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (resume)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_shear)
 
     s = sub.add_parser("shear", help="Sheared-LLaMA members: targeted structured pruning + continued training")
     s.add_argument("--parent", default=DEFAULT_MODEL)
