@@ -2,7 +2,7 @@
 
 Each selected matrix m has options: keep it as it is (dense, or its current rank) or take a rank r (a multiple
 of `multiple_of`) whose size is below the kept size; the size of rank r is r·(d_in + d_out), plus 2·nnz when
-the member is sparse-plus-low-rank (`sparse_density` δ: nnz = round(δ·d_in·d_out) values and as many int32
+the member is sparse-plus-low-rank (`sparse_density` δ: nnz = ⌊δ·d_in·d_out⌋ values and as many int32
 indices, both counted). The whole tree must land within 1% of `budget` (parameters, embeddings included).
 
   uniform      one rank fraction f shared by all: r_m = f·min(d_in, d_out), rounded down to the multiple
@@ -36,7 +36,8 @@ import numpy as np
 from plrd_jax.model import count_params
 from plrd_jax.transforms.decompositions import (Decomposition, Spectrum, as_decomposition, check_stats, decompose,
                                                 decompose_factors, output_errors)
-from plrd_jax.transforms.plan import PlanError, find_matrices, select, _node
+from plrd_jax.transforms.plan import PlanError, _node, find_matrices, select
+from plrd_jax.transforms.sparse import sparse_nnz
 
 ALLOCATIONS = ("uniform", "energy", "sensitivity")
 SENSITIVITIES = ("output", "fisher")
@@ -81,10 +82,6 @@ def ranks_by_layer(ranks: Mapping[str, int]) -> dict[str, dict[str, int]]:
         parts = path.split("/")
         table.setdefault(parts[0], {})[parts[-1]] = int(r)
     return table
-
-
-def sparse_nnz(d_in: int, d_out: int, density: float) -> int:
-    return int(round(density * d_in * d_out))
 
 
 def matrix_options(params, paths, multiple_of: int = 1, sparse_density: float = 0.0) -> list[Options]:
