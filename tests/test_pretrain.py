@@ -180,3 +180,13 @@ def test_streamed_batches_shuffle_within_chunks_and_resume_from_the_saved_positi
     chunk0 = np.stack(list(stream_windows(docs[:4], ByteTokenizer(), 8)))
     seen = np.concatenate([b for b, _ in first])[: len(chunk0)]
     assert sorted(map(tuple, seen)) == sorted(map(tuple, chunk0)) and not np.array_equal(seen, chunk0)
+
+
+def test_cli_pretrain_reports_bad_input_in_one_line(tmp_path, capsys):
+    from plrd_jax.cli import main
+
+    assert main(["pretrain", "--method", "galore", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown method 'galore'; expected one of full, lowrank, cola, cola-m, sltrain"
+    assert main(["pretrain", "--data", "wikitext2-eval", "--eval-data", "wikitext2-eval", "--out", str(tmp_path)]) == 2
+    assert "disjoint" in capsys.readouterr().err
