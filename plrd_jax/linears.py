@@ -44,10 +44,10 @@ from plrd_jax.config import ConfigError, LinearSpec
 # Name under which the r-dim activation x A of a factorized linear is tagged for remat policies (CoLA-M).
 BOTTLENECK = "lowrank_bottleneck"
 SPARSE_METHODS = ("auto", "scatter", "gather")
-# Cost of one gathered-and-segment-summed sparse entry per token, in dense multiply-adds (from
-# experiments/bench_pretrain.py on CPU: the gather path wins only while tokens · nnz · this is below the
-# d_in · d_out · (r + tokens) of the scatter path, i.e. for a handful of tokens, as in decoding).
-GATHER_COST = 24.0
+# Cost of one gathered-and-segment-summed sparse entry per token, in dense multiply-adds, fitted on CPU
+# (experiments/bench_pretrain.py, forward + backward): gather wins up to a few dozen tokens (decoding,
+# small batches), scatter from a few hundred (training micro-batches).
+GATHER_COST = 50.0
 
 
 # ---- specs --------------------------------------------------------------------------------------
