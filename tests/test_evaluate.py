@@ -67,3 +67,31 @@ def test_apply_fn_against_closed_form_and_one_compile_per_batch_shape():
 def test_window_longer_than_the_model_is_refused():
     with pytest.raises(ValueError, match="window length 32 exceeds the model's max_seq_len 16"):
         perplexity(CONFIG, None, np.zeros((2, 32), np.int32))
+
+
+@pytest.mark.slow
+def test_parent_wikitext2_perplexity_equals_hf_torch_on_the_same_windows():
+    import os
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from plrd_jax.data import load_dataset
+    from plrd_jax.io.load import embedded_path, load_model
+
+    config, params, tokenizer = load_model("smollm2-135m")
+    windows = load_dataset("wikitext2-test", tokenizer, 512, max_windows=8).windows
+    ours = perplexity(config, params, windows, batch_size=4)
+
+    path = embedded_path("smollm2-135m")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                           dtype=torch.float32).eval()
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for row in torch.from_numpy(windows.astype(np.int64)):
+            logp = torch.log_softmax(hf(row[None]).logits[0, :-1].double(), dim=-1)
+            nll -= logp.gather(-1, row[1:, None]).sum().item()
+            count += row.numel() - 1
+    theirs = float(np.exp(nll / count))
+    assert ours.tokens == count == 8 * 511
+    assert abs(ours.ppl - theirs) / theirs <= 1e-3, (ours.ppl, theirs)
+    assert abs(ours.ppl - 30.148) / 30.148 <= 1e-3  # the reference figure measured with HF alone
