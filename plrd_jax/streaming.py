@@ -100,12 +100,18 @@ class StreamedCheckpoint:
     config: ModelConfig
     tensors: dict[str, TensorEntry]  # HF name -> entry, for every tensor of `hf_layout(config)`
 
-    def params(self, dtype=None) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-        """(our param path, array) for every tensor, one read at a time; matrices transposed to (d_in, d_out)."""
+    def read(self, name: str, dtype=None) -> tuple[tuple[str, ...], np.ndarray]:
+        """(our param path, array) of HF tensor `name`: a matrix transposed to (d_in, d_out), in `dtype`
+        (default the config's param dtype). Only the returned array stays in memory."""
+        keys, _, transposed = hf_layout(self.config)[name]
         dtype = np.dtype(self.config.jnp_param_dtype if dtype is None else dtype)
-        for name, (keys, _, transposed) in hf_layout(self.config).items():
-            array = read_tensor(self.tensors[name])
-            yield keys, np.ascontiguousarray(array.T if transposed else array, dtype=dtype)
+        array = read_tensor(self.tensors[name])
+        return keys, np.ascontiguousarray(array.T if transposed else array, dtype=dtype)
+
+    def params(self, dtype=None) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+        """(our param path, array) for every tensor, read one at a time."""
+        for name in hf_layout(self.config):
+            yield self.read(name, dtype)
 
 
 def open_checkpoint(path: str | os.PathLike, dtype=None) -> StreamedCheckpoint:
@@ -244,11 +250,14 @@ def factorize_streamed(hf_dir: str | os.PathLike, plan: RankPlan | Mapping[str, 
     writer = MemberWriter(family_dir, step)
     layout = hf_layout(config)
     parent_count = sum(int(np.prod(shape)) for _, shape, _ in layout.values())
-    for done, (keys, array) in enumerate(source.params(), start=1):
+    for done, hf_name in enumerate(layout, start=1):
+        keys, array = source.read(hf_name)
         path = "/".join(keys[:-1])
         if keys[-1] == "kernel" and path in ranks:
-            a, b = factor_fn(jnp.asarray(array), ranks[path])
+            kernel = jnp.asarray(array)
             del array
+            a, b = factor_fn(kernel, ranks[path])
+            del kernel
             writer.add((*keys[:-1], "A"), _host(a))
             writer.add((*keys[:-1], "B"), _host(b))
             del a, b

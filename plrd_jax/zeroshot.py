@@ -1,0 +1,417 @@
+"""Zero-shot multiple-choice evaluation, scored as lm-evaluation-harness scores it.
+
+Each choice i of an example is a (context_i, continuation_i) pair; its score is the summed log-likelihood
+
+    ll_i = Σ_{t ∈ continuation_i} log p(x_t | x_<t),
+
+with the pair tokenized as lm-eval does (trailing spaces of the context move to the continuation; the context
+alone and context + continuation are encoded, the continuation is what the second adds). Then
+
+    acc      = 1[argmax_i ll_i = gold],     acc_norm = 1[argmax_i ll_i / len(choice_i) = gold]
+
+(len in characters of the choice text, as lm-eval normalizes). Requests are sorted by length, padded to a
+power-of-two bucket and scored in batches by one jitted function per (batch, bucket) shape.
+
+Tasks: a JSONL file of examples ({"context", "choices", "gold"} or, for partial-context tasks like WinoGrande,
+{"contexts", "continuation", "gold"}); a named task (`TASKS`) read from `DATA_DIR/NAME.jsonl` in the raw
+fields of its dataset (lm-eval's prompt templates are applied here), or from TFDS where it exists there.
+`SUITES` names the PLRD paper's set and Sheared-LLaMA's (its zero-shot multiple-choice part).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from plrd_jax.config import ModelConfig
+from plrd_jax.evaluate import ApplyFn, decoder_apply_fn
+
+
+class ZeroShotError(ValueError):
+    """A task file, task name or example that cannot be evaluated."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One question: choice i is scored as log p(continuations[i] | contexts[i]); `choices` are the texts
+    whose character lengths normalize acc_norm (lm-eval's doc_to_choice)."""
+
+    contexts: tuple[str, ...]
+    continuations: tuple[str, ...]
+    choices: tuple[str, ...]
+    gold: int
+
+
+def multiple_choice(context: str, choices, gold: int, delimiter: str = " ") -> Example:
+    """The usual form: one context, each choice as continuation (after `delimiter`, lm-eval's target_delimiter)."""
+    choices = tuple(choices)
+    return Example((context,) * len(choices), tuple(delimiter + c for c in choices), choices, int(gold))
+
+
+def partial_contexts(contexts, continuation: str, gold: int, delimiter: str = " ") -> Example:
+    """WinoGrande's form: a different context per choice, one shared continuation."""
+    contexts = tuple(contexts)
+    return Example(contexts, (delimiter + continuation,) * len(contexts), contexts, int(gold))
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    examples: tuple[Example, ...]
+    source: str  # where the examples came from
+
+
+# ---- lm-eval's prompt templates for the named tasks (doc: the dataset's raw fields) -------------------------
+def _text(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _boolq(d):
+    return multiple_choice(f"{_text(d['passage'])}\nQuestion: {_text(d['question'])}?\nAnswer:", ["no", "yes"],
+                           int(d["label"]))
+
+
+def _winogrande(d):
+    sentence = _text(d["sentence"])
+    if "_" not in sentence:
+        raise ZeroShotError("a WinoGrande sentence needs a '_' blank")
+    i = sentence.index("_")
+    gold = int(_text(d["answer"])) - 1 if "answer" in d else int(d["label"])
+    return partial_contexts([sentence[:i] + _text(d["option1"]), sentence[:i] + _text(d["option2"])],
+                            sentence[i + 1:].strip(), gold)
+
+
+def _hellaswag(d):
+    ctx = _text(d["ctx_a"]) + " " + _text(d["ctx_b"]).capitalize() if "ctx_a" in d else _text(d["context"])
+    return multiple_choice(_hellaswag_clean(_text(d["activity_label"]) + ": " + ctx),
+                           [_hellaswag_clean(_text(e)) for e in d["endings"]], int(d["label"]))
+
+
+def _piqa(d):
+    return multiple_choice(f"Question: {_text(d['goal'])}\nAnswer:", [_text(d["sol1"]), _text(d["sol2"])],
+                           int(d["label"]))
+
+
+def _arc(d):
+    choices = d["choices"]
+    labels = [_text(x) for x in choices["label"]]
+    return multiple_choice(f"Question: {_text(d['question'])}\nAnswer:", [_text(t) for t in choices["text"]],
+                           labels.index(_text(d["answerKey"])))
+
+
+def _sciq(d):
+    return multiple_choice(f"{_text(d['support']).lstrip()}\nQuestion: {_text(d['question'])}\nAnswer:",
+                           [_text(d[k]) for k in ("distractor1", "distractor2", "distractor3", "correct_answer")], 3)
+
+
+def _logiqa(d):
+    options = [_text(o) for o in d["options"]]
+    prompt = f"Passage: {_text(d['context'])}\nQuestion: {_text(d['question'])}\nChoices:\n"
+    prompt += "".join(f"{letter}. {option}\n" for letter, option in zip("ABCD", options)) + "Answer:"
+    label = d["label"]
+    gold = "abcd".index(_text(label).strip()) if isinstance(label, (str, bytes)) else int(label)
+    return multiple_choice(prompt, options, gold)
+
+
+def _mmlu(d):
+    choices = [_text(c) for c in d["choices"]]
+    subject = _text(d.get("subject", "")).replace("_", " ")
+    head = f"The following are multiple choice questions (with answers) about {subject}.\n\n" if subject else ""
+    body = f"{_text(d['question']).strip()}\n" + "".join(f"{l}. {c}\n" for l, c in zip("ABCD", choices))
+    return multiple_choice(head + body + "Answer:", ["A", "B", "C", "D"], int(d["answer"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    convert: Callable[[Mapping], Example]
+    tfds: str | None  # TFDS builder, when the dataset is in the TFDS catalog
+    split: str  # the split lm-eval evaluates
+    fields: tuple[str, ...]  # raw fields a JSONL doc needs
+
+
+TASKS: dict[str, TaskSpec] = {
+    "boolq": TaskSpec(_boolq, "super_glue/boolq", "validation", ("passage", "question", "label")),
+    "winogrande": TaskSpec(_winogrande, "winogrande", "validation", ("sentence", "option1", "option2")),
+    "hellaswag": TaskSpec(_hellaswag, "hellaswag", "validation", ("activity_label", "endings", "label")),
+    "piqa": TaskSpec(_piqa, "piqa", "validation", ("goal", "sol1", "sol2", "label")),
+    "arc_easy": TaskSpec(_arc, "ai2_arc/ARC-Easy", "test", ("question", "choices", "answerKey")),
+    "arc_challenge": TaskSpec(_arc, "ai2_arc/ARC-Challenge", "test", ("question", "choices", "answerKey")),
+    "sciq": TaskSpec(_sciq, "sciq", "test", ("support", "question", "distractor1", "distractor2",
+                                            "distractor3", "correct_answer")),
+    "logiqa": TaskSpec(_logiqa, None, "test", ("context", "question", "options", "label")),
+    "mmlu": TaskSpec(_mmlu, None, "test", ("question", "choices", "answer")),
+}
+# The PLRD paper's zero-shot set, and the multiple-choice part of Sheared-LLaMA's eleven tasks (LAMBADA and
+# Natural Questions are not multiple choice; the paper runs ARC-C 25-shot, HellaSwag 10-shot, BoolQ 32-shot
+# and MMLU 5-shot, here all are zero-shot).
+SUITES = {
+    "plrd": ("logiqa", "boolq", "mmlu", "winogrande"),
+    "sheared": ("sciq", "piqa", "winogrande", "arc_easy", "arc_challenge", "hellaswag", "logiqa", "boolq", "mmlu"),
+}
+
+
+# ---- loading ---------------------------------------------------------------------------------------------
+def _generic(doc: Mapping, where: str) -> Example:
+    """An example in our own JSONL form."""
+    if not isinstance(doc, Mapping):
+        raise ZeroShotError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+    if "gold" not in doc:
+        raise ZeroShotError(f"{where}: missing field 'gold'")
+    gold = doc["gold"]
+    if "continuation" in doc:
+        items, kind = doc.get("contexts"), "contexts"
+    else:
+        items, kind = doc.get("choices"), "choices"
+        if not isinstance(doc.get("context"), str):
+            raise ZeroShotError(f"{where}: missing string field 'context' (or 'contexts' with 'continuation')")
+    if not isinstance(items, list) or len(items) < 2 or not all(isinstance(c, str) for c in items):
+        raise ZeroShotError(f"{where}: '{kind}' must be a list of at least 2 strings")
+    if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(items):
+        raise ZeroShotError(f"{where}: gold {gold!r} is not an index into its {len(items)} {kind}")
+    if kind == "contexts":
+        return partial_contexts(items, str(doc["continuation"]), gold, doc.get("delimiter", " "))
+    return multiple_choice(doc["context"], items, gold, doc.get("delimiter", " "))
+
+
+def read_jsonl(path: str | os.PathLike, convert: Callable[[Mapping, str], Example] | None = None,
+               limit: int | None = None) -> list[Example]:
+    """Examples of a JSONL file, every line checked (ZeroShotError naming the file and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ZeroShotError(f"task file {path} does not exist")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                doc = json.loads(line)
+            except ValueError as e:
+                raise ZeroShotError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            examples.append(convert(doc, where) if convert else _generic(doc, where))
+            if limit is not None and len(examples) >= limit:
+                break
+    if not examples:
+        raise ZeroShotError(f"task file {path} holds no examples")
+    return examples
+
+
+def _named(spec: TaskSpec):
+    def convert(doc, where):
+        if not isinstance(doc, Mapping):
+            raise ZeroShotError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+        missing = [f for f in spec.fields if f not in doc]
+        if missing:
+            raise ZeroShotError(f"{where}: missing field {missing[0]!r} (this task's docs need "
+                                f"{', '.join(spec.fields)})")
+        try:
+            return spec.convert(doc)
+        except ZeroShotError as e:
+            raise ZeroShotError(f"{where}: {e}") from None
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise ZeroShotError(f"{where}: malformed doc ({type(e).__name__}: {e})") from None
+    return convert
+
+
+def _tfds_examples(name: str, spec: TaskSpec, data_dir, limit) -> list[Example]:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise ZeroShotError(f"task {name} from TFDS needs tensorflow-datasets (pip install tensorflow-datasets)")
+    try:
+        builder = tfds.builder(spec.tfds, data_dir=data_dir)
+        dataset = builder.as_dataset(split=spec.split)
+    except Exception as e:  # tfds raises many kinds when a dataset is not prepared
+        raise ZeroShotError(f"task {name}: TFDS dataset {spec.tfds} ({spec.split}) is not available in "
+                            f"{data_dir or 'the default data_dir'}: {str(e).splitlines()[0][:200]}") from None
+    convert = _named(spec)
+    examples = []
+    for i, doc in enumerate(tfds.as_numpy(dataset)):
+        examples.append(convert(_plain(doc), f"{spec.tfds} example {i}"))
+        if limit is not None and len(examples) >= limit:
+            break
+    return examples
+
+
+def _plain(x):
+    """tfds.as_numpy output -> plain Python (bytes to str, arrays to lists)."""
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, np.ndarray):
+        return [_plain(v) for v in x.tolist()] if x.dtype == object else x.tolist()
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, bytes):
+        return x.decode()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def load_task(spec: str, data_dir: str | os.PathLike | None = None, limit: int | None = None) -> Task:
+    """A task from `spec`: a .jsonl file (our form), a named task (`TASKS`; DATA_DIR/NAME.jsonl in the
+    dataset's raw fields if present, else TFDS), or tfds:NAME for a named task forced from TFDS."""
+    if spec.endswith(".jsonl") or os.sep in spec:
+        return Task(Path(spec).stem, tuple(read_jsonl(spec, limit=limit)), str(spec))
+    force_tfds = spec.startswith("tfds:")
+    name = spec[5:] if force_tfds else spec
+    if name not in TASKS:
+        raise ZeroShotError(f"unknown task {spec!r}: expected a .jsonl file, one of {', '.join(TASKS)}, or a suite "
+                            f"({', '.join(SUITES)})")
+    task_spec = TASKS[name]
+    local = Path(data_dir) / f"{name}.jsonl" if data_dir is not None and "://" not in str(data_dir) else None
+    if not force_tfds and local is not None and local.is_file():
+        return Task(name, tuple(read_jsonl(local, _named(task_spec), limit)), str(local))
+    if task_spec.tfds is None:
+        raise ZeroShotError(f"task {name} is not in TFDS: put its {task_spec.split} docs ({', '.join(task_spec.fields)}"
+                            f") in {Path(data_dir or 'DATA_DIR') / (name + '.jsonl')} and pass --data-dir")
+    return Task(name, tuple(_tfds_examples(name, task_spec, data_dir, limit)), f"tfds:{task_spec.tfds}")
+
+
+def task_names(specs: Iterable[str]) -> list[str]:
+    """Task specs with suite names expanded, in order, without repeats."""
+    out: list[str] = []
+    for spec in specs:
+        for name in SUITES.get(spec, (spec,)):
+            if name not in out:
+                out.append(name)
+    return out
+
+
+# ---- tokenization as lm-eval does it --------------------------------------------------------------------
+def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool = False) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens) as lm-eval's HF backend makes them (`_encode_pair`)."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if context == "":
+        cont = tokenizer.encode(continuation)
+        return ([prefix], cont) if cont[:1] != [prefix] else (cont[:1], cont[1:])
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        continuation = context[-spaces:] + continuation
+        context = context[:-spaces]
+    whole = tokenizer.encode(context + continuation, add_bos=add_bos)
+    ctx = tokenizer.encode(context, add_bos=add_bos)
+    return ctx, whole[len(ctx):]
+
+
+# ---- scoring -------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=0)
+def continuation_scores(apply_fn: ApplyFn, params, inputs, targets, start, length):
+    """inputs, targets [B, T] (targets = inputs shifted by one); positions start ≤ t < length are the
+    continuation. Returns (Σ_t log p(targets_t | inputs_≤t), all those targets greedy) per row."""
+    logits = apply_fn(params, inputs).astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    token_lp = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    t = jnp.arange(inputs.shape[1])[None, :]
+    mask = (t >= start[:, None]) & (t < length[:, None])
+    greedy = jnp.all((jnp.argmax(logits, axis=-1) == targets) | ~mask, axis=-1)
+    return jnp.sum(jnp.where(mask, token_lp, 0.0), axis=-1), greedy
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+    return max(minimum, 1 << (n - 1).bit_length())
+
+
+def loglikelihoods(model: ModelConfig | ApplyFn, params, requests: list[tuple[list[int], list[int]]],
+                   batch_size: int = 16, max_length: int | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ll, is_greedy) per (context tokens, continuation tokens) request, in request order.
+
+    Like lm-eval, the sequence is context + continuation minus its last token, left-truncated to max_length
+    (default: the model's max_seq_len) and right-padded; scored in batches sorted by length."""
+    if isinstance(model, ModelConfig):
+        max_length = max_length or model.max_seq_len
+        apply_fn = decoder_apply_fn(model)
+    else:
+        apply_fn = model
+        max_length = max_length or 2048
+    rows = []
+    for ctx, cont in requests:
+        if not cont:
+            raise ZeroShotError("a choice encodes to no continuation tokens")
+        tokens = (list(ctx) + list(cont))[-(max_length + 1):]
+        rows.append((tokens, min(len(cont), len(tokens) - 1)))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    ll, greedy = np.zeros(len(rows), np.float64), np.zeros(len(rows), bool)
+    for b in range(0, len(order), batch_size):
+        chunk = order[b:b + batch_size]
+        width = _bucket(max(len(rows[i][0]) - 1 for i in chunk))
+        inputs = np.zeros((batch_size, width), np.int32)
+        targets = np.zeros((batch_size, width), np.int32)
+        start = np.zeros(batch_size, np.int32)
+        length = np.zeros(batch_size, np.int32)  # padding rows: empty mask
+        for j, i in enumerate(chunk):
+            tokens, n_cont = rows[i]
+            n = len(tokens) - 1
+            inputs[j, :n], targets[j, :n] = tokens[:-1], tokens[1:]
+            start[j], length[j] = n - n_cont, n
+        sums, all_greedy = continuation_scores(apply_fn, params, jnp.asarray(inputs), jnp.asarray(targets),
+                                               jnp.asarray(start), jnp.asarray(length))
+        sums, all_greedy = np.asarray(sums, np.float64), np.asarray(all_greedy)
+        for j, i in enumerate(chunk):
+            ll[i], greedy[i] = sums[j], all_greedy[j]
+        if progress is not None:
+            progress(min(b + batch_size, len(order)), len(order))
+    return ll, greedy
+
+
+@dataclasses.dataclass
+class TaskResult:
+    task: str
+    examples: int
+    acc: float
+    acc_norm: float
+    acc_stderr: float  # sample standard error of the mean, as lm-eval reports it
+    lls: list[list[float]]  # per example, per choice
+    golds: list[int]
+
+    def summary(self) -> dict[str, Any]:
+        return {"task": self.task, "examples": self.examples, "acc": self.acc, "acc_norm": self.acc_norm,
+                "acc_stderr": self.acc_stderr}
+
+
+def score_task(task: Task, lls: list[np.ndarray]) -> TaskResult:
+    """acc and acc_norm from per-choice log-likelihoods (ties go to the first choice, as np.argmax)."""
+    correct, correct_norm = [], []
+    for ex, ll in zip(task.examples, lls):
+        lengths = np.array([float(len(c)) for c in ex.choices])
+        correct.append(float(np.argmax(ll) == ex.gold))
+        correct_norm.append(float(np.argmax(ll / lengths) == ex.gold))
+    n = len(correct)
+    acc = float(np.mean(correct))
+    stderr = float(np.std(correct, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return TaskResult(task.name, n, acc, float(np.mean(correct_norm)), stderr, [list(map(float, x)) for x in lls],
+                      [ex.gold for ex in task.examples])
+
+
+def evaluate_task(model: ModelConfig | ApplyFn, params, tokenizer, task: Task, batch_size: int = 16,
+                  add_bos: bool = False, max_length: int | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> TaskResult:
+    """Score every choice of every example of `task` and return acc / acc_norm."""
+    requests, owners = [], []
+    for k, ex in enumerate(task.examples):
+        for ctx, cont in zip(ex.contexts, ex.continuations):
+            requests.append(encode_pair(tokenizer, ctx, cont, add_bos))
+            owners.append(k)
+    ll, _ = loglikelihoods(model, params, requests, batch_size, max_length, progress)
+    per_example = [[] for _ in task.examples]
+    for k, value in zip(owners, ll):
+        per_example[k].append(value)
+    return score_task(task, [np.array(x) for x in per_example])
