@@ -1,4 +1,4 @@
-"""Command line: `python -m plrd_jax {eval,info,generate,export,family,pretrain} ...`.
+"""Command line: `python -m plrd_jax {eval,info,generate,export,family,shear,pretrain,zeroshot,tables} ...`.
 
 Every `--model` takes the embedded parent's short name (`smollm2-135m`), a .gguf file, a Hugging Face
 safetensors directory, or a stored family member `FAMILY_DIR:N` / `FAMILY_DIR:NAME`.
@@ -129,9 +129,14 @@ def cmd_family(args):
                              max_windows=max(needed, 1) if streamed else None)
     eval_data = load_dataset(args.eval_data, tokenizer, args.eval_seq_len, data_dir=args.data_dir,
                              max_windows=-(-args.eval_tokens // args.eval_seq_len))
+    if jax.process_count() > 1:  # multi-host: each host feeds only its rows of every global batch
+        from plrd_jax.distributed import ProcessLocalData
+        from plrd_jax.sharding import batch_sharding, make_mesh
+
+        heal_data = ProcessLocalData(heal_data, batch_sharding(make_mesh(mesh_shape)))
     os.makedirs(args.out, exist_ok=True)
     store = FamilyStore(args.out)
-    if tokenizer is not None and not os.path.isdir(os.path.join(args.out, "tokenizer")):
+    if tokenizer is not None and not os.path.isdir(os.path.join(args.out, "tokenizer")) and jax.process_index() == 0:
         tokenizer.save(os.path.join(args.out, "tokenizer"))  # members load with it as FAMILY_DIR:N
     parent_ppl = perplexity(config, params, eval_data.windows, batch_size=4).ppl
     print(f"parent {args.parent}: {count_params(params):,} params, PPL {parent_ppl:.3f} on {args.eval_data} "
@@ -369,6 +374,46 @@ def cmd_shear(args):
     print(f"wrote {args.out}/shear_summary.md, shear_summary.csv, shear_ppl_vs_params.png, domain_weights_*.png")
 
 
+def cmd_zeroshot(args):
+    from plrd_jax.io.load import load_model
+    from plrd_jax.report import markdown_table
+    from plrd_jax.zeroshot import evaluate_task, load_task, task_names
+
+    tasks = [load_task(name, args.data_dir, args.limit) for name in task_names(args.task)]  # all checked first
+    config, params, tokenizer = load_model(args.model, dtype=args.dtype)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} carries no tokenizer; zero-shot scoring needs one")
+    results = []
+    for task in tasks:
+        with progress_bar(None, task.name, "req") as bar:
+            def progress(done, total, bar=bar):
+                bar.total = total
+                bar.update(done - bar.n)
+            results.append(evaluate_task(config, params, tokenizer, task, batch_size=args.batch_size,
+                                         add_bos=args.bos, progress=progress))
+    rows = [[r.task, str(r.examples), f"{100 * r.acc:.2f}", f"{100 * r.acc_norm:.2f}", f"{100 * r.acc_stderr:.2f}",
+             t.source] for r, t in zip(results, tasks)]
+    print(f"model {args.model}, zero-shot, lm-eval scoring{' (BOS prepended)' if args.bos else ''}")
+    print(markdown_table(rows, ("task", "examples", "acc %", "acc_norm %", "± stderr", "data")))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"model": args.model, "bos": args.bos,
+                       "tasks": {r.task: {**r.summary(), "source": t.source, "lls": r.lls, "golds": r.golds}
+                                 for r, t in zip(results, tasks)}}, f)
+        print(f"wrote {args.out}")
+
+
+def cmd_tables(args):
+    from plrd_jax.tables import collect, render
+
+    table = render(collect(args.paths, args.zeroshot))
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+        print(f"wrote {args.out}")
+
+
 # ---- helpers ------------------------------------------------------------------------------------
 def params_by_kind(params) -> dict[str, tuple[int, list[int]]]:
     """Parameter count per matrix kind (embed, q, k, ..., norm) and the ranks of factorized ones."""
@@ -535,14 +580,37 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor mesh shape (-1: the rest)")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_pretrain)
+
+    z = sub.add_parser("zeroshot", help="zero-shot multiple-choice accuracy (lm-eval scoring: acc, acc_norm)")
+    z.add_argument("--model", default=DEFAULT_MODEL)
+    z.add_argument("--task", action="append", required=True,
+                   help="a .jsonl file, a task name (boolq, winogrande, hellaswag, piqa, arc_easy, arc_challenge, "
+                        "sciq, logiqa, mmlu), tfds:NAME, or a suite (plrd, sheared); repeatable")
+    z.add_argument("--data-dir", default=None, help="NAME.jsonl files of named tasks, or the TFDS data_dir")
+    z.add_argument("--limit", type=int, default=None, help="first N examples of each task")
+    z.add_argument("--batch-size", type=int, default=16)
+    z.add_argument("--bos", action="store_true", help="prepend BOS to every request (lm-eval add_bos_token=True)")
+    z.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    z.add_argument("--out", default=None, help="JSON with every task's scores and per-choice log-likelihoods")
+    z.set_defaults(func=cmd_zeroshot)
+
+    tb = sub.add_parser("tables", help="Markdown tables of our runs beside the papers' published numbers")
+    tb.add_argument("paths", nargs="+", help="family directories and experiment result .json files")
+    tb.add_argument("--zeroshot", action="append", default=[], help="zeroshot --out JSON files (repeatable)")
+    tb.add_argument("--out", default=None, help="also write the Markdown here")
+    tb.set_defaults(func=cmd_tables)
     return p
 
 
 def main(argv=None) -> int:
+    from plrd_jax.distributed import initialize, main_process_output, report_error
+
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        initialize()  # a multi-host run when the environment says so (tpu/tpu.py launch); else nothing
+        with main_process_output():  # logs and progress bars from process 0 only
+            args.func(args)
     except known_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+        report_error(f"error: {err}")
         return 2
     return 0
