@@ -395,7 +395,7 @@ def cmd_zeroshot(args):
              t.source] for r, t in zip(results, tasks)]
     print(f"model {args.model}, zero-shot, lm-eval scoring{' (BOS prepended)' if args.bos else ''}")
     print(markdown_table(rows, ("task", "examples", "acc %", "acc_norm %", "± stderr", "data")))
-    if args.out:
+    if args.out and jax.process_index() == 0:
         with open(args.out, "w") as f:
             json.dump({"model": args.model, "bos": args.bos,
                        "tasks": {r.task: {**r.summary(), "source": t.source, "lls": r.lls, "golds": r.golds}
@@ -408,7 +408,7 @@ def cmd_tables(args):
 
     table = render(collect(args.paths, args.zeroshot))
     print(table)
-    if args.out:
+    if args.out and jax.process_index() == 0:
         with open(args.out, "w") as f:
             f.write(table)
         print(f"wrote {args.out}")

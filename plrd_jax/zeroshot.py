@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from plrd_jax.config import ModelConfig
 from plrd_jax.evaluate import ApplyFn, decoder_apply_fn
@@ -192,11 +193,11 @@ def _generic(doc: Mapping, where: str) -> Example:
 def read_jsonl(path: str | os.PathLike, convert: Callable[[Mapping, str], Example] | None = None,
                limit: int | None = None) -> list[Example]:
     """Examples of a JSONL file, every line checked (ZeroShotError naming the file and line)."""
-    path = Path(path)
+    path = epath.Path(path)  # local, or gs:// on a TPU VM
     if not path.is_file():
         raise ZeroShotError(f"task file {path} does not exist")
     examples = []
-    with open(path, encoding="utf-8") as f:
+    with path.open("r", encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -276,12 +277,12 @@ def load_task(spec: str, data_dir: str | os.PathLike | None = None, limit: int |
         raise ZeroShotError(f"unknown task {spec!r}: expected a .jsonl file, one of {', '.join(TASKS)}, or a suite "
                             f"({', '.join(SUITES)})")
     task_spec = TASKS[name]
-    local = Path(data_dir) / f"{name}.jsonl" if data_dir is not None and "://" not in str(data_dir) else None
+    local = epath.Path(data_dir) / f"{name}.jsonl" if data_dir is not None else None
     if not force_tfds and local is not None and local.is_file():
         return Task(name, tuple(read_jsonl(local, _named(task_spec), limit)), str(local))
     if task_spec.tfds is None:
         raise ZeroShotError(f"task {name} is not in TFDS: put its {task_spec.split} docs ({', '.join(task_spec.fields)}"
-                            f") in {Path(data_dir or 'DATA_DIR') / (name + '.jsonl')} and pass --data-dir")
+                            f") in {data_dir or 'DATA_DIR'}/{name}.jsonl and pass --data-dir")
     return Task(name, tuple(_tfds_examples(name, task_spec, data_dir, limit)), f"tfds:{task_spec.tfds}")
 
 
