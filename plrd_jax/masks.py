@@ -57,7 +57,9 @@ class ShapeError(ValueError):
 # ---- target shape -------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class TargetShape:
-    """The pruned model's shape. num_kv_heads None: num_heads for an MHA parent, the parent's kv heads for GQA."""
+    """The pruned model's shape. num_kv_heads None: num_heads for an MHA parent, the parent's kv heads for GQA.
+    head_dim stays the parent's, so hidden_size need not be heads × head_dim; but transformers' LlamaConfig
+    refuses a hidden_size that is not a multiple of num_heads, so keep it one for a model to export."""
 
     num_layers: int
     hidden_size: int

@@ -350,9 +350,11 @@ def _llama2_7b(name: str, target: M.TargetShape, reference: tuple[float, ...]) -
 PRESETS: dict[str, ShearSchedule] = {
     # embedded parent (30 layers, d 576, 9 heads / 3 kv, 1536): ≈75% and ≈50% of its 106M matrix params
     "sheared-smollm2": ShearSchedule(
-        (ShearMember("sheared-75%", M.TargetShape(30, 512, 6, 1216, 3), 16 * 1024, 24 * 1024),
-         ShearMember("sheared-50%", M.TargetShape(24, 448, 6, 1024, 3), 16 * 1024, 24 * 1024)),
-        LOCAL, batch_size=4, seq_len=256, continue_update_every=5, validation_windows=4),
+        (ShearMember("sheared-75%", M.TargetShape(28, 528, 6, 1408, 3), 6 * 1024, 10 * 1024),
+         ShearMember("sheared-50%", M.TargetShape(22, 480, 6, 1344, 2), 6 * 1024, 10 * 1024)),
+        LOCAL, batch_size=4, seq_len=128, prune=HealConfig(lr=2e-4, warmup_steps=0, total_steps=1),
+        heal=HealConfig(lr=2e-4, warmup_steps=0, total_steps=1), continue_warmup_fraction=0.1,
+        continue_update_every=5, validation_windows=4),
     "llama2-7b-1.3b": _llama2_7b("sheared-1.3b", M.TargetShape(24, 2048, 16, 5504), REFERENCE_1_3B),
     "llama2-7b-2.7b": _llama2_7b("sheared-2.7b", M.TargetShape(32, 2560, 20, 6912), REFERENCE_2_7B),
 }
