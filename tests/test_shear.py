@@ -173,3 +173,27 @@ def test_embedded_parent_prunes_to_exact_shapes_that_load_in_transformers(tmp_pa
         with torch.no_grad():
             theirs = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
         np.testing.assert_allclose(theirs, ours, rtol=1e-3, atol=1e-3)
+
+
+def test_cli_refuses_bad_targets_domains_and_reference_losses_in_one_line(tmp_path, capsys):
+    from shear_run import CONFIG
+
+    from plrd_jax.cli import main
+    from plrd_jax.io.hf import save_hf
+
+    parent = tmp_path / "parent"
+    save_hf(init_params(CONFIG), CONFIG.replace(vocab_size=96), parent)
+    out = tmp_path / "out"
+    cases = [(["--target", "3,48,6,3,96"], "target num_layers 3 must be an integer in [1, 2]"),
+             (["--target", "2,48,4,3,96"], "num_heads 4 is not a multiple of num_kv_heads 3"),
+             (["--target", "2,48,4,1,96"], "4 query heads per kv group, more than the parent's 2"),
+             (["--target", "2,48,6"], "expected LAYERS,HIDDEN,HEADS,KV_HEADS,INTERMEDIATE"),
+             (["--target", "1,48,6,3,96", "--domains", "wikitext,github"], "unknown domain 'github'"),
+             (["--target", "1,48,6,3,96", "--reference-losses", "wikitext=3,shakespeare=3,pydoc=2,arxiv=2"],
+              "reference losses given for arxiv"),
+             (["--target", "1,48,6,3,96", "--reference-losses", "wikitext=3"], "no reference loss for shakespeare, pydoc")]
+    for extra, message in cases:
+        assert main(["shear", "--parent", str(parent), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (extra, err)
+    assert not out.exists()
