@@ -6,7 +6,8 @@
 Each tensor is read alone (from the safetensors file that holds it, at its byte offset), transformed by the
 library's own transforms (`svd_factors`, `reduce_factors`, or any `(K, r) -> (A, B)`), and added to the new
 member's checkpoint with an Orbax partial save; the checkpoint is finalized and moved into the store as one
-step at the end. Host memory therefore holds one source tensor, its float32 copy and its factorization at a
+step at the end. Tensors copied unchanged keep their stored dtype when the member's dtype holds it exactly
+(float16 / bfloat16 in a float32 member): restoring casts them, and the copy costs half the memory. Host memory therefore holds one source tensor, its float32 copy and its factorization at a
 time: for LLaMA-2-7B the peak stays below two float32 copies of the largest matrix (the 32000 × 4096
 embedding) plus the interpreter's fixed overhead, whatever the layer count.
 
@@ -102,10 +103,12 @@ class StreamedCheckpoint:
 
     def read(self, name: str, dtype=None) -> tuple[tuple[str, ...], np.ndarray]:
         """(our param path, array) of HF tensor `name`: a matrix transposed to (d_in, d_out), in `dtype`
-        (default the config's param dtype). Only the returned array stays in memory."""
+        (default the config's param dtype; "stored" keeps the file's). Only the returned array stays in memory."""
         keys, _, transposed = hf_layout(self.config)[name]
-        dtype = np.dtype(self.config.jnp_param_dtype if dtype is None else dtype)
         array = read_tensor(self.tensors[name])
+        if dtype == "stored":
+            dtype = array.dtype
+        dtype = np.dtype(self.config.jnp_param_dtype if dtype is None else dtype)
         return keys, np.ascontiguousarray(array.T if transposed else array, dtype=dtype)
 
     def params(self, dtype=None) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
@@ -169,6 +172,13 @@ def member_config(config: ModelConfig, ranks: Mapping[str, int], dtype=None) -> 
     return new
 
 
+def exact_in(stored, target) -> bool:
+    """Every value of dtype `stored` is exactly a value of dtype `target` (so it can stay stored as it is and
+    be cast on restore): the same dtype, or float16 / bfloat16 into float32."""
+    stored, target = np.dtype(stored), np.dtype(target)
+    return stored == target or (target == np.float32 and stored in (np.float16, np.dtype(ml_dtypes.bfloat16)))
+
+
 # ---- writing a member into the family store, one matrix at a time -------------------------------------------
 def _nested(keys: tuple[str, ...], value) -> dict:
     for key in reversed(keys):
@@ -195,9 +205,12 @@ class MemberWriter:
         self.count = 0
 
     def add(self, keys: tuple[str, ...], value) -> None:
+        """Write one array (uncompressed: Orbax then holds one encoded copy of it while writing, not two)."""
         from orbax.checkpoint import v1 as ocp
 
-        ocp.partial.save(self.staging / "params", _nested(keys, value))
+        saving = ocp.options.ArrayOptions.Saving(use_compression=False)
+        with ocp.Context(array_options=ocp.options.ArrayOptions(saving=saving)):
+            ocp.partial.save(self.staging / "params", _nested(keys, value))
         self.count += int(np.prod(value.shape))
 
     def commit(self, metadata: dict[str, Any]) -> None:
@@ -250,10 +263,14 @@ def factorize_streamed(hf_dir: str | os.PathLike, plan: RankPlan | Mapping[str, 
     writer = MemberWriter(family_dir, step)
     layout = hf_layout(config)
     parent_count = sum(int(np.prod(shape)) for _, shape, _ in layout.values())
+    param_dtype = np.dtype(config.jnp_param_dtype)
     for done, hf_name in enumerate(layout, start=1):
-        keys, array = source.read(hf_name)
-        path = "/".join(keys[:-1])
-        if keys[-1] == "kernel" and path in ranks:
+        path = "/".join(layout[hf_name][0][:-1])
+        factorized = layout[hf_name][0][-1] == "kernel" and path in ranks
+        stored = ST_DTYPES[source.tensors[hf_name].dtype]
+        # Copied tensors keep their stored dtype when that is exact (restored into the member's dtype).
+        keys, array = source.read(hf_name, "stored" if not factorized and exact_in(stored, param_dtype) else None)
+        if factorized:
             kernel = jnp.asarray(array)
             del array
             a, b = factor_fn(kernel, ranks[path])
@@ -321,10 +338,11 @@ def reduce_streamed(family_dir: str | os.PathLike, member: str, plan: RankPlan |
             values = values[key]
         if isinstance(node, Mapping) and path in ranks:
             r = ranks[path]
+            dtype = config.jnp_param_dtype  # leaves may be stored narrower (see `exact_in`)
             if "kernel" in values:
-                a, b = svd_factors(jnp.asarray(values.pop("kernel")), r)
+                a, b = svd_factors(jnp.asarray(values.pop("kernel"), dtype), r)
             else:
-                a, b = reduce_factors(jnp.asarray(values.pop("A")), jnp.asarray(values.pop("B")), r)
+                a, b = reduce_factors(jnp.asarray(values.pop("A"), dtype), jnp.asarray(values.pop("B"), dtype), r)
             values = {**values, "A": _host(a), "B": _host(b)}
             del a, b
         if isinstance(values, Mapping):

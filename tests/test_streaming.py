@@ -87,6 +87,15 @@ def test_bfloat16_shards_are_read_exactly(parent, tmp_path):
     np.testing.assert_array_equal(streamed["layers_1/mlp/down/kernel"],
                                   np.asarray(dense["layers_1"]["mlp"]["down"]["kernel"]).astype(ml_dtypes.bfloat16)
                                   .astype(np.float32))
+    # A float32 member of the bfloat16 checkpoint: copied tensors stay bfloat16 on disk and come back exact.
+    rounded = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32), params)
+    factorize_streamed(path, {"layers_0/mlp/up": 8}, tmp_path / "fam")
+    _, member, _ = load_member(f"{tmp_path / 'fam'}:0")
+    expected, _ = factorize(rounded, {"layers_0/mlp/up": 8})
+    a, b = leaves(member), leaves(expected)
+    assert a.keys() == b.keys() and all(v.dtype == np.float32 for v in a.values())
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 def test_a_shard_missing_from_the_index_fails_before_any_work(parent, tmp_path):
