@@ -58,6 +58,14 @@ def test_delete_setup_logs_status():
     assert lines[0] == "gcloud compute tpus tpu-vm describe a --zone=us-central2-b" and "--worker=all" in lines[1]
 
 
+def test_mount_checks_the_bucket_then_mounts_it_on_every_worker():
+    code, lines, _ = dry("mount", "--name", "a", "--zone", "us-central2-b", "--bucket", "gs://store-b")
+    assert code == 0 and lines[0] == "gcloud storage buckets describe gs://store-b '--format=value(name)'"
+    argv = shlex.split(lines[1])
+    assert argv[7:] == ["--worker=all", "--command=" + tpu.mount_script("store-b", "$HOME/gcs/store-b")]
+    assert subprocess.run(["bash", "-n", "-c", tpu.mount_script("store-b", "/mnt/b")]).returncode == 0
+
+
 def test_launch_checks_every_bucket_then_starts_all_workers():
     code, lines, _ = dry("launch", "--name", "a", "--zone", "us-central2-b", "--run", "fam1",
                          "--env", "TFDS_DATA_DIR=gs://data-b/tfds", "--", "python", "-m", "plrd_jax", "family",

@@ -5,6 +5,7 @@
 
   create   a TPU VM or slice: on-demand, --spot, or --queued (a queued resource, optionally spot)
   setup    this repository (git HEAD) + requirements.txt + jax[tpu] + the embedded parent on every worker
+  mount    a GCS bucket on every worker (gcsfuse): the shared directory for family stores
   launch   one experiment on all workers at once (`-- python -m plrd_jax family ...`), detached; each worker
            logs to ~/runs/RUN/worker.log, and joins the multi-host run through plrd_jax.distributed
   logs     print (or --follow) a worker's log
@@ -229,6 +230,29 @@ def setup_steps(a) -> list[Step]:
     ]
 
 
+def mount_script(bucket: str, mount_point: str) -> str:
+    """Shell run on every worker: install gcsfuse if needed and mount `bucket` at `mount_point`."""
+    return "; ".join([
+        "set -e",
+        "if ! command -v gcsfuse >/dev/null; then "
+        "echo \"deb https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main\" | "
+        "sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && "
+        "curl -s https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - && "
+        "sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; fi",
+        f"mkdir -p {mount_point}",
+        f"mountpoint -q {mount_point} || gcsfuse --implicit-dirs {bucket} {mount_point}",
+    ])
+
+
+def mount_steps(a) -> list[Step]:
+    check_zone(a.zone, any_zone=a.any_zone)
+    bucket = gcs_bucket(a.bucket)
+    mount_point = a.mount_point or f"$HOME/gcs/{bucket}"
+    return [*_bucket_checks(a, [a.bucket]),
+            Step(_ssh(a, mount_script(bucket, mount_point)), f"mounting gs://{bucket} on {a.name}'s workers failed",
+                 f"gs://{bucket} at {mount_point} on every worker: a family store all hosts share")]
+
+
 def launch_script(run: str, command: list[str], env: list[str]) -> str:
     """Shell run on every worker: start `command` detached in ~/plrd, logging to ~/runs/RUN/worker.log."""
     run_dir = f"$HOME/runs/{run}"
@@ -296,7 +320,8 @@ def status_steps(a) -> list[Step]:
     return steps
 
 
-STEPS = {"create": create_steps, "delete": delete_steps, "setup": setup_steps, "launch": launch_steps,
+STEPS = {"create": create_steps, "delete": delete_steps, "setup": setup_steps, "mount": mount_steps,
+         "launch": launch_steps,
          "logs": logs_steps, "collect": collect_steps, "status": status_steps}
 
 
@@ -330,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("setup", "install this repository and its requirements on every worker")
     s.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]), help="git repository to ship")
     s.add_argument("--python", default="python3.11", help="interpreter for the workers' venv (jax needs >= 3.11)")
+
+    mo = add("mount", "mount a GCS bucket on every worker with gcsfuse (a family store all hosts share)")
+    mo.add_argument("--bucket", required=True, help="gs://BUCKET")
+    mo.add_argument("--mount-point", default=None, help="default ~/gcs/BUCKET")
 
     la = add("launch", "start one experiment on all workers (the command follows '--')")
     la.add_argument("--run", required=True, help="run name: ~/runs/RUN on each worker")
