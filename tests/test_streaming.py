@@ -147,3 +147,17 @@ def test_llama2_7b_shapes_under_eval_shape():
     # Largest matrices in float32: embedding and LM head, 32000 × 4096 × 4 B = 524 MB each.
     sizes = sorted((x.size * 4 for x in jax.tree.leaves(parent)), reverse=True)
     assert sizes[:3] == [524_288_000, 524_288_000, 180_355_072]
+
+
+def test_transform_sharded_equals_the_plain_transform(parent):
+    from plrd_jax.sharding import make_mesh
+    from plrd_jax.streaming import transform_sharded
+
+    _, params = parent
+    ranks = {"layers_0/mlp/up": 8, "layers_1/attn/q": 4}
+    sharded, config = transform_sharded(factorize, params, ranks, CONFIG, make_mesh())
+    expected, expected_config = factorize(params, ranks, CONFIG)
+    assert config == expected_config
+    a, b = leaves(sharded), leaves(expected)
+    for key in b:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
