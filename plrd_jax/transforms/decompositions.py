@@ -247,7 +247,7 @@ def output_errors(spectrum: Spectrum, xtx) -> np.ndarray:
     """
     left = np.asarray(spectrum.left, np.float64)
     h = np.asarray(xtx, np.float64)
-    quad = h @ (left * left) if h.ndim == 1 else np.einsum("ik,ij,jk->k", left, h, left)
+    quad = h @ (left * left) if h.ndim == 1 else np.sum(left * (h @ left), axis=0)
     weights = np.asarray(spectrum.s, np.float64) ** 2 * quad
     tail = np.cumsum(weights[::-1])[::-1]
     return np.concatenate([tail, [0.0]])
