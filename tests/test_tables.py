@@ -75,3 +75,25 @@ def test_cli_writes_the_markdown(tmp_path, capsys):
     family = make_family(tmp_path / "fam")
     assert cli.main(["tables", str(family), "--out", str(tmp_path / "t.md")]) == 0
     assert (tmp_path / "t.md").read_text() in capsys.readouterr().out
+
+
+def test_every_paper_preset_is_commands_the_cli_accepts():
+    """experiments/papers.py: each step of each preset, at both scales, parses with the CLI's own parser."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import papers
+
+    parser = cli.build_parser()
+    values = {"out": "/tmp/o", "parent": "/tmp/p", "data_dir": "gs://bucket-x/tfds", "sources": "cc=tfds:c4/en"}
+    seen = set()
+    for name, preset in papers.PRESETS.items():
+        for scale in ("full", "cpu"):
+            if not getattr(preset, scale):
+                continue
+            for step in papers.commands(name, scale, values):
+                if step[:3] == ["python", "-m", "plrd_jax"]:
+                    args = parser.parse_args(step[3:])
+                    seen.add(args.command)
+    assert seen == {"family", "zeroshot", "tables", "shear", "pretrain"}
