@@ -2,8 +2,8 @@
 
     python experiments/zeroshot_vs_lmeval.py --lm-eval-python /path/to/venv-with-lm-eval/bin/python
 
-Model: the embedded parent (SmolLM2-135M) and a member of it (every attention and MLP matrix factorized at
-rank fraction 0.75, no healing). We score the member on its factors; lm-eval scores the dense Hugging Face
+Model: the embedded parent (SmolLM2-135M) and a member of it: a stored one (`--member FAMILY_DIR:N`), else
+every attention and MLP matrix factorized at 40% of its full rank, no healing. We score the member on its factors; lm-eval scores the dense Hugging Face
 export (`save_hf`) with its `hf` backend (torch, float32, CPU), offline, through two local tasks:
 
   cloze     40 four-way cloze questions from WikiText-2 (context: a sentence's first words; choices: its next
@@ -98,9 +98,10 @@ def make_tasks(out: Path, n: int = 40, seed: int = 0) -> dict[str, Path]:
 
 
 def member(config, params):
+    """Every attention and MLP matrix at 40% of its full rank (all below break-even, so all factorized)."""
     from plrd_jax.transforms import RankPlan, factorize
 
-    return factorize(params, RankPlan(("attn", "mlp"), fraction=0.75), config)
+    return factorize(params, RankPlan(("attn", "mlp"), fraction=0.4), config)
 
 
 def ours(model_config, params, tokenizer, tasks: dict[str, Path]) -> dict:
@@ -152,6 +153,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lm-eval-python", help="a Python whose environment has lm-eval installed")
     p.add_argument("--make-tasks", metavar="DIR", help="only write the two tasks (JSONL + lm-eval YAML) into DIR")
+    p.add_argument("--member", default=None, help="a stored member FAMILY_DIR:N (default: the parent factorized at "
+                                                  "rank fraction 0.4, unhealed)")
     p.add_argument("--work", default="/tmp/plrd-zeroshot")
     p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "zeroshot_vs_lmeval"))
     args = p.parse_args(argv)
@@ -162,29 +165,35 @@ def main(argv=None):
         p.error("--lm-eval-python is required (or --make-tasks DIR)")
     from plrd_jax.io.hf import save_hf
     from plrd_jax.io.load import load_model
+    from plrd_jax.model import count_params
 
     work = Path(args.work)
     subprocess.run(["rm", "-rf", str(work)], check=True)
     tasks = make_tasks(work / "tasks")
     config, params, tokenizer = load_model("smollm2-135m")
-    models = {"parent": (config, params), "member (rank fraction 0.75, unhealed)": member(config, params)[::-1]}
+    if args.member:  # a stored (healed) member
+        member_config, member_params, _ = load_model(args.member)
+        models = {"parent": (config, params), f"member {args.member}": (member_config, member_params)}
+    else:
+        models = {"parent": (config, params), "member (rank fraction 0.4, unhealed)": member(config, params)[::-1]}
     report = {}
     for label, (model_config, model_params) in models.items():
+        assert label == "parent" or model_config.linears, "the member must hold factorized matrices"
         model_dir = work / label.split()[0]
         save_hf(model_params, model_config, model_dir, tokenizer=tokenizer)
         a = ours(model_config, model_params, tokenizer, tasks)
         b = lm_eval(args.lm_eval_python, model_dir, work / "tasks", work / f"lm_eval_{label.split()[0]}")
-        report[label] = {"comparison": compare(a, b), "ours_seconds": {k: v["seconds"] for k, v in a.items()},
+        report[label] = {"params": count_params(model_params), "comparison": compare(a, b), "ours_seconds": {k: v["seconds"] for k, v in a.items()},
                          "lm_eval_seconds": next(iter(b.values()))["seconds"],
                          "lm_eval_command": next(iter(b.values()))["command"], "ours": a, "lm_eval": b}
     Path(args.out + ".json").write_text(json.dumps(report, indent=1))
     lines = ["Zero-shot scores: plrd_jax (`plrd_jax.zeroshot`, JAX, float32, on the member's factors) against "
              "lm-evaluation-harness (`hf` backend, torch float32, on the dense export), same tasks, offline.", "",
-             "| model | task | examples × choices | max abs Δ log-lik | max rel Δ | same predictions | "
-             "acc ours / lm-eval | acc_norm ours / lm-eval |", "|---|---|---|---|---|---|---|---|"]
+             "| model | params | task | examples × choices | max abs Δ log-lik | max rel Δ | same predictions | "
+             "acc ours / lm-eval | acc_norm ours / lm-eval |", "|---|---|---|---|---|---|---|---|---|"]
     for label, r in report.items():
         for name, c in r["comparison"].items():
-            lines.append(f"| {label} | {name} | {c['examples']} × {c['choices'] // c['examples']} | "
+            lines.append(f"| {label} | {r['params']:,} | {name} | {c['examples']} × {c['choices'] // c['examples']} | "
                          f"{c['max_abs_ll_diff']:.2e} | {c['max_rel_ll_diff']:.1e} | {c['same_predictions']} | "
                          f"{c['ours']['acc']:.3f} / {c['lm_eval']['acc']:.3f} | "
                          f"{c['ours']['acc_norm']:.3f} / {c['lm_eval']['acc_norm']:.3f} |")

@@ -208,8 +208,9 @@ class MemberWriter:
         """Write one array (uncompressed: Orbax then holds one encoded copy of it while writing, not two)."""
         from orbax.checkpoint import v1 as ocp
 
-        saving = ocp.options.ArrayOptions.Saving(use_compression=False)
-        with ocp.Context(array_options=ocp.options.ArrayOptions(saving=saving)):
+        context = ocp.Context()
+        context.array.saving.use_compression = False
+        with context:
             ocp.partial.save(self.staging / "params", _nested(keys, value))
         self.count += int(np.prod(value.shape))
 
