@@ -6,7 +6,7 @@ of the healing half of WikiText-2, with and without the per-window Fisher pass.
 
 Reports the first call (trace + compile + run) and a second call (run only), tokens/s of the second, and the
 size of the statistics. Set the CPU thread count with XLA_FLAGS / taskset as for any JAX run; the numbers in the
-README were taken on 2 shared CPU cores.
+README were taken on 2 CPU cores shared with other jobs (the load average is recorded with them).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def main():
     data = load_dataset(args.data, tokenizer, args.seq_len, max_windows=args.windows)
     tokens = data.windows.size
     out = {"model": args.model, "data": data.spec, "batch_size": args.batch_size, "devices": str(jax.devices()),
-           "cpu_count": os.cpu_count(), "runs": []}
+           "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg(), "runs": []}
     for fisher in ([False] if args.no_fisher else [False, True]):
         times = []
         for _ in range(2):
@@ -50,7 +50,8 @@ def main():
         size = sum(x.size for x in jax.tree.leaves(stats))
         run = {"fisher": fisher, "tokens": tokens, "first_call_s": round(times[0], 1),
                "second_call_s": round(times[1], 1), "tokens_per_s": round(tokens / times[1], 1),
-               "matrices": len(stats), "stats_mib": round(size * 4 / 2 ** 20, 1)}
+               "matrices": len(stats), "stats_mib": round(size * 4 / 2 ** 20, 1),
+               "load_average_after": [round(x, 1) for x in os.getloadavg()]}
         out["runs"].append(run)
         print(json.dumps(run), file=sys.stderr)
     print(json.dumps(out, indent=1))

@@ -224,22 +224,26 @@ def main():
 
     # ---- sparse-plus-low-rank members of the best decomposition ----
     sparse = results.setdefault("sparse", {})
+    spectra = None
     for x in [float(v) for v in args.heal_reductions.split(",")]:
         for alloc in dict.fromkeys(["uniform", best[1]]):
             key = f"{best[0]}/{alloc}/{x}/{args.sparse_density}"
             if key in sparse:
                 continue
+            if spectra is None:
+                spectra = compute_spectra(params, paths, best[0], stats)
             budget = int(round((1 - x) * n_parent))
             result = allocate_ranks(params, budget, alloc, multiple_of=MULTIPLE_OF, decomposition=best[0],
-                                    stats=stats, sparse_density=args.sparse_density)
+                                    stats=stats, spectra=spectra, sparse_density=args.sparse_density)
             member, _ = sparse_plus_lowrank(params, result.ranks, density=args.sparse_density, support="activation",
-                                            decomposition=best[0], stats=stats)
+                                            decomposition=best[0], stats=stats, spectra=spectra)
             value = ppl(densified(member, result.ranks))
             sparse[key] = {"decomposition": best[0], "allocation": alloc, "reduction": x,
                            "density": args.sparse_density, "support": "activation",
                            "params": count_params(member), "ppl": value}
             log(f"sparse {key}: {count_params(member):,} params, PPL {value:.4g}")
             save()
+    del spectra
 
     # ---- healing ----
     if not args.no_heal:

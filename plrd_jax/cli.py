@@ -1,4 +1,4 @@
-"""Command line: `python -m plrd_jax {eval,info,generate,export,family,shear,pretrain,zeroshot,tables} ...`.
+"""Command line: `python -m plrd_jax {eval,info,generate,export,family,compress,shear,pretrain,zeroshot,tables} ...`.
 
 Every `--model` takes the embedded parent's short name (`smollm2-135m`), a .gguf file, a Hugging Face
 safetensors directory, or a stored family member `FAMILY_DIR:N` / `FAMILY_DIR:NAME`.
@@ -102,7 +102,9 @@ def family_schedule(args):
     heal = {k: v for k, v in (("lr", args.lr), ("kd_weight", args.kd_weight), ("dtype", args.dtype),
                               ("grad_accum", args.grad_accum)) if v is not None}
     top = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len),
-                             ("multiple_of", args.multiple_of)) if v is not None}
+                             ("multiple_of", args.multiple_of), ("decomposition", args.decomposition),
+                             ("allocation", args.allocation), ("calibration_windows", args.calibration_windows))
+           if v is not None}
     stages = schedule.stages
     if args.heal_tokens is not None:
         stages = tuple(dataclasses.replace(s, heal_tokens=args.heal_tokens) for s in stages)
@@ -180,8 +182,68 @@ def cmd_family(args):
                        {f"{label}, before heal": [(r.params, r.ppl_before) for r in results],
                         f"{label}, healed": [(r.params, r.ppl_after) for r in results]},
                        (count_params(params), parent_ppl))
+    from plrd_jax.transforms import plot_rank_heatmap
+
+    shapes = {p: config.matrix_shape(p) for p in config.matrix_paths()}
+    for r in results:  # ranks by layer and matrix kind, one picture per member
+        plot_rank_heatmap(os.path.join(args.out, f"ranks_{r.name}.png"), r.ranks, shapes,
+                          f"{r.name} ({schedule.decomposition}, {schedule.allocation}): ranks (– dense)")
     print(table)
-    print(f"wrote {args.out}/summary.md, summary.csv, ppl_vs_params.png")
+    print(f"wrote {args.out}/summary.md, summary.csv, ppl_vs_params.png, ranks_*.png")
+
+
+def cmd_compress(args):
+    """One member straight from a model: calibrate, allocate ranks for a parameter budget, decompose."""
+    from plrd_jax.calibrate import calibrate
+    from plrd_jax.data import load_dataset
+    from plrd_jax.evaluate import perplexity
+    from plrd_jax.io.load import load_model
+    from plrd_jax.model import count_params
+    from plrd_jax.store import FamilyStore
+    from plrd_jax.transforms import Decomposition, RankPlan, plot_rank_heatmap
+    from plrd_jax.transforms.allocate import compress
+
+    config, params, tokenizer = load_model(args.model)
+    check_seq_len(max(args.eval_seq_len, args.calibration_seq_len), config.max_seq_len)
+    if not 0 < args.reduction < 1:
+        raise ValueError(f"--reduction {args.reduction} must lie strictly between 0 and 1 (0.2 = 20% fewer params)")
+    decomposition = Decomposition(args.decomposition, alpha=args.alpha)
+    plan = RankPlan(args.matrices.split(","), budget=int(round((1 - args.reduction) * count_params(params))),
+                    multiple_of=args.multiple_of, decomposition=decomposition)
+    stats = None
+    if decomposition.needs_stats or args.allocation != "uniform":
+        calib = load_dataset(args.calibration_data, tokenizer, args.calibration_seq_len, data_dir=args.data_dir,
+                             max_windows=args.calibration_windows)
+        with progress_bar(len(calib), "calibrate", "win") as bar:
+            stats = calibrate(config, params, calib.windows, fisher=decomposition.needs_fisher,
+                              progress=lambda done, total: bar.update(done - bar.n))
+    member, member_config, report = compress(params, plan, config, allocation=args.allocation, stats=stats)
+    eval_data = load_dataset(args.eval_data, tokenizer, args.eval_seq_len, data_dir=args.data_dir,
+                             max_windows=-(-args.eval_tokens // args.eval_seq_len))
+    parent_ppl = perplexity(config, params, eval_data.windows, batch_size=4).ppl
+    member_ppl = perplexity(member_config, member, eval_data.windows, batch_size=4).ppl
+    n, n_member = count_params(params), count_params(member)
+    print(f"parent {args.model}: {n:,} params, PPL {parent_ppl:.4g}; member ({args.decomposition}, "
+          f"{args.allocation}): {n_member:,} params ({100 * n_member / n:.1f}%), PPL {member_ppl:.4g} on "
+          f"{args.eval_data} ({eval_data.spec['windows']} windows of {args.eval_seq_len})")
+    if report.get("scalings"):
+        print("input scalings: " + ", ".join(f"{k} × {v}" for k, v in report["scalings"].items()))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        name = f"{args.decomposition}-{args.allocation}-{round(100 * args.reduction)}%"
+        store = FamilyStore(args.out)
+        step = max(store.steps(), default=-1) + 1
+        store.save(step, member, {"member": step, "name": name, "method": "compress", "parent": args.model,
+                                  "step": step, "final": True, "config": member_config.to_dict(), "params": n_member,
+                                  "compression": n_member / n, "ppl_before": member_ppl, "ppl_after": member_ppl,
+                                  "eval": eval_data.spec, "decomposition_report": report})
+        store.close()
+        if tokenizer is not None and not os.path.isdir(os.path.join(args.out, "tokenizer")):
+            tokenizer.save(os.path.join(args.out, "tokenizer"))
+        ranks = {p: s.rank for p, s in member_config.linears if s.rank is not None}
+        plot_rank_heatmap(os.path.join(args.out, f"ranks_{name}.png"), ranks,
+                          {p: config.matrix_shape(p) for p in config.matrix_paths()}, f"{name}: ranks (– dense)")
+        print(f"wrote member {step} ({name}) to {args.out}; load it as {args.out}:{step}")
 
 
 def cmd_pretrain(args):
@@ -519,7 +581,31 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor mesh shape (-1: the rest)")
     f.add_argument("--save-every", type=int, default=4, help="healing checkpoint every N steps (resume)")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--decomposition", choices=["svd", "whitened", "asvd", "fisher"], default=None,
+                   help="how each member's factors are computed (default svd; others calibrate first)")
+    f.add_argument("--allocation", choices=["uniform", "energy", "sensitivity"], default=None,
+                   help="how ranks spread over the matrices at each member's budget (default uniform)")
+    f.add_argument("--calibration-windows", type=int, default=None,
+                   help="calibrate on the first N healing windows (default 32)")
     f.set_defaults(func=cmd_family)
+
+    c = sub.add_parser("compress", help="one member straight from a model: decomposition × rank allocation")
+    c.add_argument("--model", default=DEFAULT_MODEL)
+    c.add_argument("--reduction", type=float, required=True, help="fraction of all parameters removed, e.g. 0.2")
+    c.add_argument("--decomposition", choices=["svd", "whitened", "asvd", "fisher"], default="whitened")
+    c.add_argument("--alpha", type=float, default=0.5, help="asvd exponent")
+    c.add_argument("--allocation", choices=["uniform", "energy", "sensitivity"], default="uniform")
+    c.add_argument("--matrices", default="attn,mlp", help="groups, globs or re: patterns, comma-separated")
+    c.add_argument("--multiple-of", type=int, default=8)
+    c.add_argument("--calibration-data", default="wikitext2-heal", help="disjoint from --eval-data")
+    c.add_argument("--calibration-windows", type=int, default=32)
+    c.add_argument("--calibration-seq-len", type=int, default=512)
+    c.add_argument("--eval-data", default="wikitext2-eval")
+    c.add_argument("--eval-seq-len", type=int, default=512)
+    c.add_argument("--eval-tokens", type=int, default=4096)
+    c.add_argument("--data-dir", default=None, help="TFDS data_dir")
+    c.add_argument("--out", default=None, help="store the member here (loads as OUT:N)")
+    c.set_defaults(func=cmd_compress)
 
     s = sub.add_parser("shear", help="Sheared-LLaMA members: targeted structured pruning + continued training")
     s.add_argument("--parent", default=DEFAULT_MODEL)

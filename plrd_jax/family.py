@@ -28,13 +28,14 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from plrd_jax.calibrate import calibrate
 from plrd_jax.config import ModelConfig
 from plrd_jax.evaluate import perplexity
 from plrd_jax.model import count_params
 from plrd_jax.sharding import make_mesh, param_shardings
 from plrd_jax.store import FamilyStore, StoreError, abstract_params
 from plrd_jax.train import HealConfig, init_train_state, make_heal_step
-from plrd_jax.transforms.factorize import reduce_rank
+from plrd_jax.transforms.allocate import compress
 from plrd_jax.transforms.plan import RankPlan
 
 
@@ -66,6 +67,11 @@ class Schedule:
     multiple_of: int = 1
     batch_size: int = 4
     seq_len: int = 256
+    # How each member's ranks and factors are chosen (plrd_jax.transforms.allocate / decompositions); anything
+    # but svd + uniform first calibrates the source model on the first `calibration_windows` healing windows.
+    decomposition: str = "svd"
+    allocation: str = "uniform"
+    calibration_windows: int = 32
     heal: HealConfig = HealConfig(lr=2e-4, warmup_steps=2, total_steps=2)  # total_steps set per stage
 
     def steps(self, stage: Stage) -> int:
@@ -168,11 +174,18 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
             t_done = resume - start
             state = state.replace(step=state.step + t_done, opt_state=opt_state)
             ppl_before, elapsed = meta["ppl_before"], meta["wall_s"]
+            decomposition_report = meta.get("decomposition_report")
         else:
             source_config, source_params = (prev_config, prev_params) if schedule.progressive else (
                 parent_config, parent_params)
-            plan = stage.plan(parent_count, schedule.matrices, schedule.multiple_of)
-            params, config = reduce_rank(source_params, plan, source_config)
+            plan = dataclasses.replace(stage.plan(parent_count, schedule.matrices, schedule.multiple_of),
+                                       decomposition=schedule.decomposition)
+            stats = None
+            if plan.decomposition.needs_stats or schedule.allocation != "uniform":
+                stats = calibrate(source_config, source_params, heal_data.windows[:schedule.calibration_windows],
+                                  fisher=plan.decomposition.needs_fisher)
+            params, config, decomposition_report = compress(source_params, plan, source_config,
+                                                            allocation=schedule.allocation, stats=stats)
             shardings = param_shardings(params, mesh)
             ppl_before = _eval(config, params, eval_windows, eval_batch_size, on_event, "before", k)
             state = init_train_state(params, heal, mesh, shardings)
@@ -180,7 +193,7 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
         base_meta = {"member": k, "name": stage.name, "method": "plrd", "run": run_id, "parent": parent,
                      "schedule": schedule.to_dict(), "data": data_spec, "config": config.to_dict(),
                      "params": count_params(state.params), "compression": count_params(state.params) / parent_count,
-                     "ppl_before": ppl_before}
+                     "ppl_before": ppl_before, "decomposition_report": decomposition_report}
         if n_steps > t_done:
             step_fn = make_heal_step(config, heal, mesh, shardings,
                                      teacher=parent_config if teacher_params is not None else None)

@@ -1,6 +1,8 @@
 """Rank allocation: budgets met within 1%, solvers against brute force, costs against direct computation."""
 import itertools
 
+import jax
+
 import numpy as np
 import pytest
 
@@ -159,3 +161,55 @@ def test_errors(model):
     with pytest.raises(PlanError, match="needs calibration statistics"):
         allocate_ranks(params, n - 2000, "sensitivity", spectra=compute_spectra(params, ["layers_0/attn/q"]),
                        matrices=("layers_0/attn/q",))
+
+
+def test_compress_is_allocation_then_reduce_rank(model):
+    from plrd_jax.transforms import reduce_rank
+    from plrd_jax.transforms.allocate import compress
+
+    params, stats, spectra = model
+    budget = int(0.7 * count_params(params))
+    plan = RankPlan(budget=budget, multiple_of=4, decomposition="whitened")
+    member, config, report = compress(params, plan, CONFIG, allocation="sensitivity", stats=stats)
+    ranks = allocate_ranks(params, budget, "sensitivity", multiple_of=4, decomposition="whitened", stats=stats,
+                           spectra=spectra).ranks
+    want, want_config = reduce_rank(params, ranks, CONFIG, stats=stats, decomposition="whitened")
+    assert config == want_config and report["ranks_by_layer"] == ranks_by_layer(ranks)
+    assert sum(report["scalings"].values()) == len(spectra) - 1 and report["allocation"] == "sensitivity"
+    for a, b in zip(jax.tree.leaves(member), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    plain, plain_config, _ = compress(params, RankPlan(budget=budget, multiple_of=4), CONFIG)
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), plain,
+                                     reduce_rank(params, RankPlan(budget=budget, multiple_of=4), CONFIG)[0]))
+    with pytest.raises(PlanError, match="needs a parameter budget"):
+        compress(params, RankPlan(rank=4), CONFIG, allocation="energy")
+
+
+def test_family_members_follow_the_schedule_decomposition_and_allocation(tmp_path):
+    """A progressive family whose members are whitened and sensitivity-allocated: each stage calibrates its
+    source (the healed previous member) and lands on its budget; the choice is recorded in the metadata."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from family_run import CONFIG as TINY, tiny_data
+
+    from plrd_jax.family import Schedule, Stage, run_family
+    from plrd_jax.store import FamilyStore
+    from plrd_jax.train import HealConfig
+
+    heal, evals = tiny_data()
+    parent = init_params(TINY, seed=0)
+    n = count_params(parent)
+    schedule = Schedule((Stage("a", budget_fraction=0.85, heal_tokens=4 * 16), Stage("b", budget_fraction=0.7)),
+                        batch_size=4, seq_len=16, heal=HealConfig(lr=3e-3, warmup_steps=0, total_steps=1),
+                        decomposition="whitened", allocation="sensitivity", calibration_windows=8)
+    store = FamilyStore(tmp_path / "fam")
+    results = run_family("tiny", TINY, parent, schedule, heal, evals, store)
+    members = store.members()
+    store.close()
+    for fraction, result, meta in zip((0.85, 0.7), results, members):
+        assert abs(result.params - fraction * n) <= 0.01 * fraction * n
+        report = meta["decomposition_report"]
+        assert report["decomposition"] == "whitened" and report["allocation"] == "sensitivity"
+        assert sum(report["scalings"].values()) > 0 and report["ranks_by_layer"]
+    assert members[1]["config"]["linears"] and results[1].params < results[0].params

@@ -226,3 +226,27 @@ def test_missing_statistics_are_named(model):
         factorize(params, {"layers_0/mlp/up": 4}, decomposition="whitened")
     with pytest.raises(DecompositionError, match="needs Fisher rows for layers_0/mlp/up.*fisher=True"):
         factorize(params, {"layers_0/mlp/up": 4}, decomposition="fisher", stats=stats)
+
+
+# ---- the reference numbers of docs/methods.md §7 (HF transformers + torch, float64 whitening) -------------
+@pytest.mark.slow
+def test_reference_members_of_the_embedded_parent():
+    """q, o, gate, up, down of all 30 layers at rank 256 (k, v dense); whitening from XᵀX over 32 × 512 tokens
+    from token 150,000 of wiki.test.raw, jitter 1e-6 · mean diagonal; PPL on its first 8 × 512 tokens.
+    torch: plain SVD 1.1e7, whitened 526."""
+    from plrd_jax.data import load_documents, pack, tokenize
+    from plrd_jax.evaluate import perplexity
+    from plrd_jax.io.load import load_model
+
+    config, params, tokenizer = load_model("smollm2-135m")
+    tokens = tokenize(load_documents("wikitext2-test"), tokenizer)
+    windows = pack(tokens, 512)[:8]
+    stats = calibrate(config, params, tokens[150_000:150_000 + 32 * 512].reshape(32, 512))
+    paths = [p for p in config.matrix_paths() if p.rsplit("/", 1)[1] in ("q", "o", "gate", "up", "down")]
+    ppl = {}
+    for method in ("svd", "whitened"):
+        member, member_config = factorize(params, {p: 256 for p in paths}, config, stats=stats,
+                                          decomposition=Decomposition(method, damping=1e-6))
+        ppl[method] = perplexity(member_config, member, windows, batch_size=4).ppl
+    assert ppl["whitened"] == pytest.approx(526, rel=0.02)
+    assert ppl["svd"] == pytest.approx(1.1e7, rel=0.1)

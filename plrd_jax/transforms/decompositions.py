@@ -147,14 +147,13 @@ def whitening(xtx: jax.Array, damping: float = 1e-6) -> Scaling:
         root = jnp.sqrt(lam)
         return Scaling((v * root).T, v / root, jnp.int32(4), jnp.zeros((), h.dtype))
 
-    attempts = [lambda lam=lam, i=i: (cholesky(lam), jnp.int32(2 if i == 0 else 3), lam)
-                for i, lam in enumerate((damping, *FALLBACK_DAMPINGS))]
+    dampings = (damping, *FALLBACK_DAMPINGS)
 
     def chain(i):
-        if i == len(attempts):
+        if i == len(dampings):
             return eigh()
-        (upper, inv, ok), kind, lam = attempts[i]()
-        found = Scaling(upper, inv, kind, jnp.asarray(lam, h.dtype))
+        upper, inv, ok = cholesky(dampings[i])
+        found = Scaling(upper, inv, jnp.int32(2 if i == 0 else 3), jnp.asarray(dampings[i], h.dtype))
         try:
             return found if bool(ok) else chain(i + 1)
         except jax.errors.ConcretizationTypeError:  # under jit: the later attempts run only when needed

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from plrd_jax.config import LinearSpec, ModelConfig
 from plrd_jax.transforms.decompositions import (Decomposition, as_decomposition, check_stats, decomposed_factors,
-                                                reduced_factors)
+                                                reduced_factors, truncate)
 from plrd_jax.transforms.plan import PlanError, RankPlan, check_ranks, is_matrix, resolve_ranks, singular_values
 
 __all__ = ["svd_factors", "reduce_factors", "singular_values", "factorize", "reduce_rank", "densify"]
@@ -86,7 +86,7 @@ def _decomposition(plan, decomposition, stats, paths) -> Decomposition:
 
 
 def _apply_ranks(params, ranks: Mapping[str, int], config: ModelConfig | None,
-                 decomposition: Decomposition = Decomposition(), stats=None):
+                 decomposition: Decomposition = Decomposition(), stats=None, spectra=None):
     plain = decomposition.method == "svd"
 
     def new_node(path, node):
@@ -94,6 +94,9 @@ def _apply_ranks(params, ranks: Mapping[str, int], config: ModelConfig | None,
             return node
         r, out = ranks[path], {}
         s = None if plain else stats[path]
+        if spectra is not None and path in spectra:  # precomputed by the same decomposition
+            out["A"], out["B"] = truncate(spectra[path], r, node["kernel" if "kernel" in node else "A"].dtype)
+            return {**{k: v for k, v in node.items() if k not in ("kernel", "A", "B")}, **out}
         for key, value in node.items():
             if key == "kernel":
                 out["A"], out["B"] = svd_factors(value, r) if plain else decomposed_factors(value, r, decomposition, s)
@@ -111,11 +114,13 @@ def _apply_ranks(params, ranks: Mapping[str, int], config: ModelConfig | None,
 
 
 def factorize(params, plan: RankPlan | Mapping[str, int], config: ModelConfig | None = None, *,
-              stats=None, decomposition: str | Decomposition | None = None):
+              stats=None, decomposition: str | Decomposition | None = None, spectra=None):
     """Each selected dense kernel K -> A, B of `svd_factors` at its planned rank (bias untouched), or of the
     plan's (or `decomposition`'s) method with calibration `stats` (path -> MatrixStats; see module docstring).
 
     plan: a `RankPlan`, or a ranks dict path -> r applied exactly as given (even where it saves nothing).
+    spectra: path -> `Spectrum` already computed with the same decomposition (e.g. by `allocate_ranks`'s
+    caller); those matrices are truncated from it instead of being decomposed again.
     Returns (params, config) with `LinearSpec("lowrank", rank=r)` for each factorized path (None if no config).
     """
     ranks = dict(plan) if isinstance(plan, Mapping) else resolve_ranks(params, plan)
@@ -124,19 +129,19 @@ def factorize(params, plan: RankPlan | Mapping[str, int], config: ModelConfig | 
         if matrices[path].rank is not None:
             raise PlanError(f"{path} is already factorized (rank {matrices[path].rank}); lower it with reduce_rank")
     _check_kinds(config, ranks)
-    return _apply_ranks(params, ranks, config, _decomposition(plan, decomposition, stats, ranks), stats)
+    return _apply_ranks(params, ranks, config, _decomposition(plan, decomposition, stats, ranks), stats, spectra)
 
 
 def reduce_rank(params, plan: RankPlan | Mapping[str, int], config: ModelConfig | None = None, *,
-                stats=None, decomposition: str | Decomposition | None = None):
+                stats=None, decomposition: str | Decomposition | None = None, spectra=None):
     """Factorized matrices -> the planned lower rank by `reduce_factors` (A B is never formed), or by the
     chosen decomposition's re-truncation of A B with `stats`; dense ones selected by the plan are factorized,
-    so a stage can widen the set. Returns (params, config) as `factorize`.
+    so a stage can widen the set. Returns (params, config) as `factorize` (spectra: as there).
     """
     ranks = dict(plan) if isinstance(plan, Mapping) else resolve_ranks(params, plan)
     check_ranks(params, ranks)
     _check_kinds(config, ranks)
-    return _apply_ranks(params, ranks, config, _decomposition(plan, decomposition, stats, ranks), stats)
+    return _apply_ranks(params, ranks, config, _decomposition(plan, decomposition, stats, ranks), stats, spectra)
 
 
 def densify(params, config: ModelConfig | None = None):
