@@ -4,8 +4,9 @@ of the healing half of WikiText-2, with and without the per-window Fisher pass.
     python experiments/bench_calibrate.py [--windows 32] [--seq-len 512] [--batch-size 4] [--no-fisher]
         [--json experiments/results/decompositions_bench_calibrate.json]
 
-Reports the first call (trace + compile + run) and a second call (run only), tokens/s of the second, and the
-size of the statistics. Set the CPU thread count with XLA_FLAGS / taskset as for any JAX run; the numbers in the
+Reports the first call (trace + compile + run) and a second call (run only), tokens/s of the second, the CPU
+seconds each used (all threads; on a machine shared with other jobs, CPU seconds / cores is what the call would
+take with the cores to itself), and the size of the statistics. Set the CPU thread count with XLA_FLAGS / taskset as for any JAX run; the numbers in the
 README were taken on 2 CPU cores shared with other jobs (the load average is recorded with them).
 """
 from __future__ import annotations
@@ -18,6 +19,12 @@ import time
 
 import jax
 import numpy as np
+
+
+def process_cpu_s() -> float:
+    """CPU seconds used by this process, all threads (user + system)."""
+    t = os.times()
+    return t.user + t.system
 
 
 def main():
@@ -41,15 +48,17 @@ def main():
     out = {"model": args.model, "data": data.spec, "batch_size": args.batch_size, "devices": str(jax.devices()),
            "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg(), "runs": []}
     for fisher in ([False] if args.no_fisher else [False, True]):
-        times = []
+        times, cpu = [], []
         for _ in range(2):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), process_cpu_s()
             stats = calibrate(config, params, data.windows, args.batch_size, fisher=fisher)
             jax.block_until_ready(stats)
             times.append(time.perf_counter() - t)
+            cpu.append(process_cpu_s() - c)
         size = sum(x.size for x in jax.tree.leaves(stats))
         run = {"fisher": fisher, "tokens": tokens, "first_call_s": round(times[0], 1),
                "second_call_s": round(times[1], 1), "tokens_per_s": round(tokens / times[1], 1),
+               "first_call_cpu_s": round(cpu[0], 1), "second_call_cpu_s": round(cpu[1], 1),
                "matrices": len(stats), "stats_mib": round(size * 4 / 2 ** 20, 1),
                "load_average_after": [round(x, 1) for x in os.getloadavg()]}
         out["runs"].append(run)

@@ -4,7 +4,8 @@ members, and the reproduction of the reference numbers of docs/methods.md §7.
 
     python experiments/compare_decompositions.py [--out experiments/results] [--cache /tmp/plrd_decompositions]
         [--reductions 0.1,0.2,0.3,0.4,0.5] [--decompositions svd,whitened,asvd,fisher]
-        [--allocations uniform,energy,sensitivity] [--heal-steps 24] [--no-heal] [--no-reference]
+        [--allocations uniform,energy,sensitivity] [--extra whitened/sensitivity-fisher] [--heal-steps 24]
+        [--no-heal] [--no-reference]
 
 Setup (fixed, so the numbers compare):
   parent       smollm2-135m (the embedded GGUF, dequantized to float32), 134.5M parameters
@@ -16,11 +17,12 @@ Setup (fixed, so the numbers compare):
                multiples of 8; a member at reduction x has (1 − x) · 134.5M parameters (embeddings included),
                within 1 % (`allocate_ranks`)
   allocation   uniform (one rank fraction), energy (one spectrum-energy level of the decomposition's own
-               spectrum), sensitivity (relative output error ‖X(K − K_r)‖²/‖XK‖² per matrix, greedy)
+               spectrum), sensitivity (Σ relative output error ‖X(K − K_r)‖²/‖XK‖² minimized, greedy);
+               extra pairs (--extra): sensitivity-fisher (the Fisher estimate of the loss increase, greedy)
   healing      the best two (decomposition, allocation) pairs by the geometric mean of their PPL over the
-               reductions, and plain svd/uniform, at 20 % and 40 %: factorized members, next-token CE, AdamW
-               lr 2e-4 (4 warmup steps, cosine to 10 %), betas (0.9, 0.95), wd 0, clip 1, 4 × 256 tokens per step
-               from the start of wikitext2-heal, `--heal-steps` steps
+               reductions (and plain svd/uniform with --heal-baseline), at 20 % and 40 %: factorized members,
+               next-token CE, AdamW lr 2e-4 (4 warmup steps, cosine to 10 %), betas (0.9, 0.95), wd 0, clip 1,
+               4 × 256 tokens per step from the start of wikitext2-heal, `--heal-steps` steps
 Members are scored as their dense reconstruction K_r = A B (the same function, one compiled model for all);
 `check` in the results compares that with the factorized member once.
 Writes decompositions.{md,csv,json}, decompositions_ppl.png and decompositions_ranks_*.png under --out; the
@@ -33,6 +35,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # LAPACK's own threads fight XLA's on a small CPU
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -89,6 +92,12 @@ def densified(params, ranks):
     return params
 
 
+def allocation_args(name):
+    """"sensitivity-fisher" -> allocation "sensitivity" with the Fisher cost; other names as they are."""
+    allocation, _, sensitivity = name.partition("-")
+    return {"allocation": allocation, **({"sensitivity": sensitivity} if sensitivity else {})}
+
+
 def geometric_mean(xs):
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
@@ -106,10 +115,12 @@ def main():
     ap.add_argument("--reductions", default="0.1,0.2,0.3,0.4,0.5")
     ap.add_argument("--decompositions", default="svd,whitened,asvd,fisher")
     ap.add_argument("--allocations", default="uniform,energy,sensitivity")
+    ap.add_argument("--extra", default="whitened/sensitivity-fisher", help="more decomposition/allocation pairs")
     ap.add_argument("--heal-steps", type=int, default=24)
     ap.add_argument("--heal-reductions", default="0.2,0.4")
     ap.add_argument("--sparse-density", type=float, default=0.02)
     ap.add_argument("--no-heal", action="store_true")
+    ap.add_argument("--heal-baseline", action="store_true", help="also heal plain svd / uniform")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--calib-windows", type=int, default=CALIB_WINDOWS, help="fewer for a quick check only")
     ap.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS, help="fewer for a quick check only")
@@ -167,13 +178,15 @@ def main():
     reductions = [float(x) for x in args.reductions.split(",")]
     decompositions = args.decompositions.split(",")
     allocations = args.allocations.split(",")
+    combos = [(d, a) for d in decompositions for a in allocations]
+    combos += [tuple(c.split("/")) for c in args.extra.split(",") if c and tuple(c.split("/")) not in combos]
     paths = selected_paths(params, MATRICES)
     members = results.setdefault("members", {})
     shapes = {p: config.matrix_shape(p) for p in config.matrix_paths()}
 
     # ---- the grid, before healing ----
-    for dec in decompositions:
-        todo = [(a, x) for a in allocations for x in reductions if f"{dec}/{a}/{x}" not in members]
+    for dec in dict.fromkeys(d for d, _ in combos):
+        todo = [(a, x) for d, a in combos if d == dec for x in reductions if f"{dec}/{a}/{x}" not in members]
         if not todo:
             continue
         t = time.perf_counter()
@@ -189,8 +202,8 @@ def main():
         for alloc, x in todo:
             t = time.perf_counter()
             budget = int(round((1 - x) * n_parent))
-            result = allocate_ranks(params, budget, alloc, multiple_of=MULTIPLE_OF, decomposition=dec, stats=stats,
-                                    spectra=spectra)
+            result = allocate_ranks(params, budget, multiple_of=MULTIPLE_OF, decomposition=dec, stats=stats,
+                                    spectra=spectra, **allocation_args(alloc))
             value = ppl(reconstructed(params, spectra, result.ranks))
             members[f"{dec}/{alloc}/{x}"] = {"decomposition": dec, "allocation": alloc, "reduction": x,
                                              "params": result.params, "ppl": value, "ranks": result.ranks,
@@ -208,7 +221,6 @@ def main():
             save()
         del spectra
 
-    combos = [(d, a) for d in decompositions for a in allocations]
     score = {c: geometric_mean([members[f"{c[0]}/{c[1]}/{x}"]["ppl"] for x in reductions]) for c in combos}
     ranking = sorted(combos, key=score.get)
     results["ranking"] = [{"decomposition": d, "allocation": a, "geometric_mean_ppl": score[(d, a)]}
@@ -233,8 +245,8 @@ def main():
             if spectra is None:
                 spectra = compute_spectra(params, paths, best[0], stats)
             budget = int(round((1 - x) * n_parent))
-            result = allocate_ranks(params, budget, alloc, multiple_of=MULTIPLE_OF, decomposition=best[0],
-                                    stats=stats, spectra=spectra, sparse_density=args.sparse_density)
+            result = allocate_ranks(params, budget, multiple_of=MULTIPLE_OF, decomposition=best[0], stats=stats,
+                                    spectra=spectra, sparse_density=args.sparse_density, **allocation_args(alloc))
             member, _ = sparse_plus_lowrank(params, result.ranks, density=args.sparse_density, support="activation",
                                             decomposition=best[0], stats=stats, spectra=spectra)
             value = ppl(densified(member, result.ranks))
@@ -255,7 +267,9 @@ def main():
                           b2=0.95, weight_decay=0.0, clip=1.0)
         mesh = make_mesh((1, -1, 1))
         healed = results.setdefault("healed", {})
-        for dec, alloc in dict.fromkeys([*ranking[:2], ("svd", "uniform")]):
+        jax.clear_caches()  # the grid's compiled models; healing compiles one step per member
+        gc.collect()
+        for dec, alloc in dict.fromkeys([*ranking[:2], *([("svd", "uniform")] if args.heal_baseline else [])]):
             for x in [float(v) for v in args.heal_reductions.split(",")]:
                 key = f"{dec}/{alloc}/{x}/{args.heal_steps}"
                 if key in healed or f"{dec}/{alloc}/{x}" not in members:
@@ -302,20 +316,17 @@ def main():
         results["reference"] = reference
         save()
 
-    write_report(results, args, reductions, decompositions, allocations, ranking)
+    write_report(results, args, reductions, combos, ranking)
 
 
-def write_report(results, args, reductions, decompositions, allocations, ranking):
+def write_report(results, args, reductions, combos, ranking):
     from plrd_jax.report import markdown_table, write_csv
 
     members, n_parent = results["members"], results["setup"]["parent_params"]
     cols = ["decomposition", "allocation"] + [f"{x:.0%}" for x in reductions]
-    rows = []
-    for d in decompositions:
-        for a in allocations:
-            rows.append([d, a] + [fmt(members[f"{d}/{a}/{x}"]["ppl"]) for x in reductions])
-    size_row = ["(parameters)", ""] + [f"{members[f'svd/uniform/{x}']['params'] / 1e6:.1f}M"
-                                       for x in reductions] if "svd" in decompositions else None
+    rows = [[d, a] + [fmt(members[f"{d}/{a}/{x}"]["ppl"]) for x in reductions] for d, a in combos]
+    size_row = ["(parameters)", ""] + [f"{members[f'{combos[0][0]}/{combos[0][1]}/{x}']['params'] / 1e6:.1f}M"
+                                       for x in reductions]
     write_csv(os.path.join(args.out, "decompositions.csv"), rows, cols)
     with open(os.path.join(args.out, "decompositions.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -327,12 +338,11 @@ def write_report(results, args, reductions, decompositions, allocations, ranking
     import matplotlib.pyplot as plt
 
     colors = {"svd": "tab:gray", "whitened": "tab:blue", "asvd": "tab:orange", "fisher": "tab:green"}
-    styles = {"uniform": "-", "energy": "--", "sensitivity": ":"}
+    styles = {"uniform": "-", "energy": "--", "sensitivity": ":", "sensitivity-fisher": "-."}
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
-    for d in decompositions:
-        for a in allocations:
-            ax.plot([100 * x for x in reductions], [members[f"{d}/{a}/{x}"]["ppl"] for x in reductions],
-                    color=colors.get(d), linestyle=styles.get(a, "-"), marker="o", markersize=3, label=f"{d} / {a}")
+    for d, a in combos:
+        ax.plot([100 * x for x in reductions], [members[f"{d}/{a}/{x}"]["ppl"] for x in reductions],
+                color=colors.get(d), linestyle=styles.get(a, "-"), marker="o", markersize=3, label=f"{d} / {a}")
     for h in results.get("healed", {}).values():
         ax.plot([100 * h["reduction"]], [h["ppl_after"]], color=colors.get(h["decomposition"]), marker="*",
                 markersize=11, linestyle="none")
@@ -363,8 +373,7 @@ def write_report(results, args, reductions, decompositions, allocations, ranking
     for x in (0.2, 0.4):
         if f"svd/uniform/{x}" in members:
             plain = members[f"svd/uniform/{x}"]["ppl"]
-            d, a = min(((d, a) for d in decompositions for a in allocations),
-                       key=lambda c: members[f"{c[0]}/{c[1]}/{x}"]["ppl"])
+            d, a = min(combos, key=lambda c: members[f"{c[0]}/{c[1]}/{x}"]["ppl"])
             b = members[f"{d}/{a}/{x}"]["ppl"]
             gap.append(f"- {x:.0%} reduction: best {d} / {a} PPL {fmt(b)} vs plain svd / uniform {fmt(plain)} "
                        f"({plain / b:.3g}× lower; ΔNLL {math.log(plain / b):.2f} nats/token)")

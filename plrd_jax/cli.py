@@ -207,6 +207,9 @@ def cmd_compress(args):
     check_seq_len(max(args.eval_seq_len, args.calibration_seq_len), config.max_seq_len)
     if not 0 < args.reduction < 1:
         raise ValueError(f"--reduction {args.reduction} must lie strictly between 0 and 1 (0.2 = 20% fewer params)")
+    if args.calibration_data == args.eval_data:
+        raise ValueError(f"--calibration-data and --eval-data are both {args.eval_data!r}; calibrate on text disjoint "
+                         "from the evaluation text (e.g. wikitext2-heal and wikitext2-eval)")
     decomposition = Decomposition(args.decomposition, alpha=args.alpha)
     plan = RankPlan(args.matrices.split(","), budget=int(round((1 - args.reduction) * count_params(params))),
                     multiple_of=args.multiple_of, decomposition=decomposition)
