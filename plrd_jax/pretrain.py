@@ -3,7 +3,7 @@
 Presets (GaLore's configs/llama_*.json: LLaMA blocks, vocab 32000, untied LM head, RMSNorm ε 1e-6):
 
   preset      hidden  intermediate  heads  layers  steps   r (d/4)  SLTrain α  CoLA lr, warmup
-  llama-20m   256     688           4      4       10K     64       32         6e-3, 20 %   (the CPU-scale shape)
+  llama-20m   256     688           4      4       10K     64       16         6e-3, 20 %   (the CPU-scale shape)
   llama-60m   512     1376          8      8       10K     128      32         6e-3, 20 %
   llama-130m  768     2048          12     12      20K     256      16         3e-3, 10 %
   llama-350m  1024    2736          16     24      60K     256      16         3e-3, 10 %   (+ only_lr_act)
@@ -78,7 +78,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "llama-20m": Preset(256, 688, 4, 4, 10_000, 64, 32.0, 6e-3, 0.2),
+    "llama-20m": Preset(256, 688, 4, 4, 10_000, 64, 16.0, 6e-3, 0.2),  # 60M's ratios: r = d/4, α/r = 1/4, CoLA's lr
     "llama-60m": Preset(512, 1376, 8, 8, 10_000, 128, 32.0, 6e-3, 0.2),
     "llama-130m": Preset(768, 2048, 12, 12, 20_000, 256, 16.0, 3e-3, 0.1),
     "llama-350m": Preset(1024, 2736, 16, 24, 60_000, 256, 16.0, 3e-3, 0.1, only_lr_act=True),

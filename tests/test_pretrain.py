@@ -27,7 +27,7 @@ def preset_params(preset, method):
 # 44/97/194/646 SLTrain).
 PUBLISHED = [
     ("llama-60m", "cola", 42.8, 0.05), ("llama-130m", "cola", 94.0, 0.05), ("llama-350m", "cola", 185.2, 0.05),
-    ("llama-1b", "cola", 609.3, 0.1),  # 609.2: CoLA's 1B uses intermediate 5461 as GaLore does
+    ("llama-1b", "cola", 609.3, 0.05),
     ("llama-60m", "full", 58, 0.5), ("llama-130m", "full", 134, 0.5), ("llama-350m", "full", 368, 0.5),
     ("llama-1b", "full", 1339, 0.5),
     ("llama-60m", "lowrank", 43, 0.5), ("llama-130m", "lowrank", 94, 0.5), ("llama-350m", "lowrank", 185, 0.5),
