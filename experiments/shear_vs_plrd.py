@@ -8,9 +8,11 @@ Each member starts from the parent (SmolLM2-135M-Instruct, 30 layers, d 576, 9 h
 for the same number of tokens, `steps × batch × seq_len`, on the same text (WikiText-2's healing half, packed in
 windows of seq_len), with the same model optimizer (AdamW lr, 10% warmup, cosine to 10%, betas (0.9, 0.95),
 clip 1.0):
-  sheared          pruning `prune_steps` steps (learned masks, Lagrangian; plrd_jax.shear), the final masks
-                   folded into a dense model of exactly the target shape, then `steps − prune_steps` steps of
-                   continued training; one domain, so dynamic loading has nothing to move
+  sheared          pruning on the tokens of `prune_steps` steps, read as batches of `prune_batch` (default the
+                   same batch; 1 gives four times as many mask updates on the same tokens), with learned masks
+                   and the Lagrangian (plrd_jax.shear); the final masks folded into a dense model of exactly the
+                   target shape, then `steps − prune_steps` steps of continued training; one domain, so dynamic
+                   loading has nothing to move
   plrd-svd         a rank plan over every attention and MLP matrix with the Sheared member's exact parameter count
                    (`RankPlan(budget=...)`), plain truncated SVD, then `steps` healing steps
   plrd-whitened    the same ranks from whitened factors (SVD-LLM; XᵀX over 16 × 512 tokens of the healing text)
@@ -84,8 +86,10 @@ def hf_logits_check(member_dir, config, params, tokenizer, windows) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=32, help="training steps per member (all methods)")
-    ap.add_argument("--prune-steps", type=int, default=12, help="of which Sheared prunes")
+    ap.add_argument("--prune-steps", type=int, default=12, help="of which Sheared prunes (in token terms)")
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--prune-batch", type=int, default=4,
+                    help="Sheared's pruning batch: prune_steps × batch / prune_batch mask updates on the same tokens")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--work", default="/tmp/shear_vs_plrd")
@@ -132,7 +136,7 @@ def main():
     members = tuple(ShearMember(f"sheared-{size}", M.TargetShape(L, d, H, m, kv), prune_tokens,
                                 tokens - prune_tokens) for size, (L, d, H, kv, m) in TARGETS.items())
     schedule = ShearSchedule(members, dl.Domains(("wikitext",), (1.0,), update_every=10 ** 6),
-                             batch_size=args.batch, seq_len=args.seq_len, prune=heal, heal=heal,
+                             batch_size=args.prune_batch, continue_batch_size=args.batch, seq_len=args.seq_len, prune=heal, heal=heal,
                              prune_warmup_fraction=0.1, continue_warmup_fraction=0.1, continue_update_every=10 ** 6,
                              validation_windows=4)
     family = os.path.join(args.work, "family")
@@ -144,7 +148,7 @@ def main():
         if kind == "step" and (info["step"] % 4 == 0 or info["step"] == info["steps"]):
             extra = (f" expected size {info['expected_size'] / info['target_size']:.2f}× target"
                      if info["phase"] == "prune" else "")
-            log(f"    {info['name']} {info['phase']} {info['step']}/{info['steps']} loss {info['loss']:.3f}{extra}")
+            log(f"    {info['name']} {info['phase']} {info['step']}/{info['steps']} CE {info['ce']:.3f}{extra}")
         elif kind in ("eval", "weights", "member", "stage"):
             log(f"  {kind}: " + ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("result",)))
 
@@ -195,7 +199,7 @@ def main():
         sources = dl.resolve_sources(dl.LOCAL_DOMAINS)
         windows = {n: load_dataset(s, tokenizer, args.seq_len).windows for n, s in sources.items()}
         multi = dataclasses.replace(schedule, members=(dataclasses.replace(members[1], name="sheared-50%-3dom"),),
-                                    domains=dl.Domains(tuple(sources), (1 / 3,) * 3, update_every=4),
+                                    domains=dl.Domains(tuple(sources), (1 / 3,) * 3, update_every=8),
                                     continue_update_every=5)
         store = FamilyStore(os.path.join(args.work, "family-domains"))
         t0 = time.perf_counter()
