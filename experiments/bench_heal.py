@@ -1,15 +1,15 @@
-"""Heal-step throughput and model FLOP utilization against an HF transformers (torch) AdamW step, side by side;
-then forward latency of low-rank members against their FLOP ratio to the parent.
+"""Forward latency of low-rank members against their FLOP ratio to the parent; then heal-step throughput and
+model FLOP utilization against an HF transformers (torch) AdamW step, side by side.
 
-    python experiments/bench_heal.py [--batch 4] [--seq-len 256] [--steps 3] [--dtype float32]
-        [--fractions 0.75,0.5,0.25] [--peak-gflops 165]
+    python experiments/bench_heal.py [--family runs/plrd-progressive | --fractions 0.75,0.5,0.25]
+        [--batch 4] [--seq-len 256] [--steps 3] [--dtype float32] [--peak-gflops 165] [--json OUT]
 
 Heal: the same parent (embedded GGUF, dequantized), batch, length and optimizer (AdamW, clip 1.0), plain
 cross-entropy; median step time after one warm-up step. MFU = tokens/s · model FLOPs per token (6N + attention,
 `plrd_jax.train.model_flops_per_token`) / the machine's peak (--peak-gflops: measured float32 matmul peak of
 this CPU, or the accelerator's bf16 peak).
-Members: uniform rank = fraction · 576 on every attention and MLP matrix (k/v only where it saves), forward of
-batch×seq_len tokens; "FLOP ratio" = parent forward FLOPs / member forward FLOPs.
+Members: those of --family DIR (e.g. the main job's), or uniform rank = fraction · 576 on every attention and
+MLP matrix (k/v only where it saves); forward of batch×seq_len tokens, median of ≥ 5; "FLOP ratio" = parent forward FLOPs / member forward FLOPs.
 """
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--fractions", default="0.75,0.5,0.25")
+    ap.add_argument("--fractions", default="0.75,0.5,0.25",
+                    help="members: uniform rank = fraction · d on every attention and MLP matrix")
+    ap.add_argument("--family", default=None, help="members: those of this family directory instead")
     ap.add_argument("--peak-gflops", type=float, default=165.0)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--json", default=None)
@@ -57,6 +59,36 @@ def main():
     tokens = rng.integers(0, config.vocab_size, (1, args.batch, args.seq_len)).astype(np.int32)
     n_tokens = args.batch * args.seq_len
     out = {"model": args.model, "batch": args.batch, "seq_len": args.seq_len, "dtype": args.dtype}
+
+    # Forward latency of members against their FLOP ratio (first: torch's idle OpenMP threads spin for a while
+    # after its last op and would slow whatever runs next).
+    x = jnp.asarray(tokens[0])
+    rows = []
+    parent_flops = model_flops_per_token(config, args.seq_len, training=False)
+    def members():
+        yield "parent", config, params
+        if args.family:  # the members of a stored family, by name
+            from plrd_jax.store import FamilyStore
+
+            for meta in FamilyStore(args.family, read_only=True).members():
+                cfg, p, _ = load_model(f"{args.family}:{meta['member']}")
+                yield meta["name"], cfg, p
+            return
+        for fraction in [float(f) for f in args.fractions.split(",")]:
+            p, cfg = factorize(params, RankPlan(("attn", "mlp"), fraction=fraction), config)
+            yield f"rank {round(fraction * config.hidden_size)}", cfg, p
+
+    for name, cfg, p in members():
+        fwd = jax.jit(lambda p, t, cfg=cfg: Decoder(cfg).apply({"params": p}, t))
+        fwd(p, x).block_until_ready()
+        seconds = timed(lambda: fwd(p, x).block_until_ready(), max(args.steps, 5))
+        rows.append({"member": name, "seconds": seconds,
+                     "flop_ratio": parent_flops / model_flops_per_token(cfg, args.seq_len, training=False)})
+    for r in rows:
+        r["speedup"] = rows[0]["seconds"] / r["seconds"]
+        r["speedup_over_flop_ratio"] = r["speedup"] / r["flop_ratio"]
+    out["members"] = rows
+
 
     mesh = make_mesh((1, -1, 1))
     heal = HealConfig(lr=1e-5, warmup_steps=0, total_steps=100, dtype=args.dtype)
@@ -101,26 +133,6 @@ def main():
         out["torch_heal_tokens_per_s"] = n_tokens / t_theirs
         out["heal_ratio"] = out["plrd_jax_heal_tokens_per_s"] / out["torch_heal_tokens_per_s"]
         del hf, opt
-
-    # Forward latency of members against their FLOP ratio.
-    x = jnp.asarray(tokens[0])
-    rows = []
-    parent_flops = model_flops_per_token(config, args.seq_len, training=False)
-    for fraction in [None] + [float(f) for f in args.fractions.split(",")]:
-        if fraction is None:
-            cfg, p, name = config, params, "parent"
-        else:
-            p, cfg = factorize(params, RankPlan(("attn", "mlp"), fraction=fraction), config)
-            name = f"rank {round(fraction * config.hidden_size)}"
-        fwd = jax.jit(lambda p, t, cfg=cfg: Decoder(cfg).apply({"params": p}, t))
-        fwd(p, x).block_until_ready()
-        seconds = timed(lambda: fwd(p, x).block_until_ready(), args.steps)
-        rows.append({"member": name, "seconds": seconds,
-                     "flop_ratio": parent_flops / model_flops_per_token(cfg, args.seq_len, training=False)})
-    for r in rows:
-        r["speedup"] = rows[0]["seconds"] / r["seconds"]
-        r["speedup_over_flop_ratio"] = r["speedup"] / r["flop_ratio"]
-    out["members"] = rows
 
     print(f"heal step {args.batch}×{args.seq_len} {args.dtype}: plrd_jax {out['plrd_jax_heal_tokens_per_s']:.0f} tok/s "
           f"(MFU {100 * out['plrd_jax_heal_mfu']:.0f}% of {args.peak_gflops:.0f} GFLOP/s)"

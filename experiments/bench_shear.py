@@ -1,7 +1,7 @@
 """The pruning step's throughput against the plain heal step, in one run (the masks' overhead; target ≤ 1.3×).
 
     python experiments/bench_shear.py [--model smollm2-135m] [--batch 4] [--seq-len 256] [--steps 5]
-        [--target 24,448,6,2,1280] [--dtype float32] [--out experiments/results]
+        [--target 22,480,6,2,1344] [--dtype float32] [--out experiments/results]
 
 Both steps train the same parent on the same batches (grad_accum 1): the heal step is plrd_jax.train's
 (AdamW, clip, cross-entropy); the pruning step adds one hard-concrete sample of every mask, the masked forward

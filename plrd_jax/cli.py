@@ -585,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--save-every", type=int, default=4, help="healing checkpoint every N steps (resume)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--decomposition", choices=["svd", "whitened", "asvd", "fisher"], default=None,
-                   help="how each member's factors are computed (default svd; others calibrate first)")
+                   help="how each member's factors are computed (default: the preset's, whitened for plrd; "
+                        "all but svd calibrate on the healing text first)")
     f.add_argument("--allocation", choices=["uniform", "energy", "sensitivity"], default=None,
                    help="how ranks spread over the matrices at each member's budget (default uniform)")
     f.add_argument("--calibration-windows", type=int, default=None,

@@ -6,7 +6,9 @@ the ranks of the *healed* previous member. One-shot (for comparison): every memb
 Presets (`PRESETS`). The PLRD paper does not publish its exact rank schedule; these are our choices:
   plrd            embedded parent (SmolLM2-135M): members at 90, 75, 60, 50, 40 % of the parent's parameters
                   (embeddings included), one shared rank fraction over every attention and MLP matrix per
-                  member; a small CPU healing budget per stage (the README's main job).
+                  member; whitened factors (SVD-LLM: plain SVD of this 576-wide parent is already at PPL ≈1e7 at
+                  90% of the parameters, before healing); a small CPU healing budget per stage (the README's
+                  main job).
   plrd-tpu        the same sizes with paper-scale healing (≈1B tokens in all), for TPU runs.
   mistral-7b-3.1b Mistral-7B-v0.1 → ≈3.1B: uniform rank 1088 on every attention and MLP matrix (k and v,
                   1024 wide, stay dense: a rank ≥ their break-even saves nothing), reached through ranks 2048
@@ -87,8 +89,8 @@ def _stages(fractions, tokens, prefix="plrd"):
 
 SIZES = (0.9, 0.75, 0.6, 0.5, 0.4)
 PRESETS: dict[str, Schedule] = {
-    "plrd": Schedule(_stages(SIZES, 8 * 4 * 256)),
-    "plrd-tpu": Schedule(_stages(SIZES, 200_000_000), batch_size=64, seq_len=2048,
+    "plrd": Schedule(_stages(SIZES, 8 * 4 * 256), decomposition="whitened"),
+    "plrd-tpu": Schedule(_stages(SIZES, 200_000_000), batch_size=64, seq_len=2048, decomposition="whitened",
                          heal=HealConfig(lr=1e-4, warmup_steps=100, total_steps=100)),
     "mistral-7b-3.1b": Schedule(
         (Stage("r2048", rank=2048, heal_tokens=250_000_000), Stage("r1536", rank=1536, heal_tokens=250_000_000),
@@ -145,7 +147,7 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
     teacher_params = None
     if schedule.heal.kd_weight > 0:
         teacher_params = jax.device_put(parent_params, param_shardings(parent_params, mesh))
-    ppl_parent = None
+    parent_stats = None  # one-shot members all calibrate on the parent: once is enough
     results, prev_config, prev_params = [], parent_config, parent_params
     saved = mine
     for k, stage in enumerate(schedule.stages):
@@ -182,8 +184,13 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
                                        decomposition=schedule.decomposition)
             stats = None
             if plan.decomposition.needs_stats or schedule.allocation != "uniform":
-                stats = calibrate(source_config, source_params, heal_data.windows[:schedule.calibration_windows],
-                                  fisher=plan.decomposition.needs_fisher)
+                stats = None if schedule.progressive else parent_stats
+                if stats is None:
+                    stats = calibrate(source_config, source_params,
+                                      heal_data.windows[:schedule.calibration_windows],
+                                      fisher=plan.decomposition.needs_fisher)
+                if not schedule.progressive:
+                    parent_stats = stats
             params, config, decomposition_report = compress(source_params, plan, source_config,
                                                             allocation=schedule.allocation, stats=stats)
             shardings = param_shardings(params, mesh)

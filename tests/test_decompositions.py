@@ -71,6 +71,23 @@ def test_whitened_output_error_is_the_dropped_whitened_spectrum_and_beats_svd(r)
     assert errors["whitened"] < 0.9 * errors["svd"]
 
 
+@pytest.mark.parametrize("method", ["svd", "whitened", "asvd", "fisher"])
+def test_factors_are_balanced_and_plain_svd_factors_are_u_root_sigma(method):
+    x, k = activations(), kernel()
+    x = x * 50.0  # large activations: S⁻¹ would leave A's columns far smaller than B's rows
+    stats = stats_of(x, fisher_rows=np.random.default_rng(2).uniform(0.1, 2.0, D_IN))
+    a, b = decomposed_factors(jnp.asarray(k, jnp.float32), 10, method, stats)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=0), np.linalg.norm(b, axis=1), rtol=1e-4)
+    spectrum = decompose(jnp.asarray(k, jnp.float32), Decomposition(method), stats)
+    unbalanced = (np.asarray(spectrum.left[:, :10]) * np.asarray(spectrum.s[:10])) @ np.asarray(spectrum.right[:10])
+    np.testing.assert_allclose(product(a, b), unbalanced, atol=1e-5 * np.abs(unbalanced).max())
+    if method == "svd":
+        u, sig, vt = np.linalg.svd(k, full_matrices=False)
+        sign = np.sign(np.sum(np.asarray(a) * u[:, :10], axis=0))  # singular vectors are unique up to sign
+        np.testing.assert_allclose(np.asarray(a) * sign, u[:, :10] * np.sqrt(sig[:10]), atol=1e-4)
+        np.testing.assert_allclose(np.asarray(b) * sign[:, None], np.sqrt(sig[:10])[:, None] * vt[:10], atol=1e-4)
+
+
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
 def test_asvd_is_the_svd_of_the_channel_scaled_kernel(alpha):
     x, k = activations(), kernel()

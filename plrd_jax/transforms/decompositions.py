@@ -5,7 +5,11 @@ K (d_in, d_out), `y = x K`:
 
     M = S K = U Σ Vᵀ,     K_r = S⁻¹ U_r Σ_r V_rᵀ,     A = S⁻¹ U_r √Σ_r (d_in, r),  B = √Σ_r V_rᵀ (r, d_out)
 
-is the rank-r K_r minimizing ‖S (K − K_r)‖_F, and that error is √(Σ_{i≥r} σ_i²). The methods differ in S:
+is the rank-r K_r minimizing ‖S (K − K_r)‖_F, and that error is √(Σ_{i≥r} σ_i²). The factors handed out
+are then *balanced*: column i of A and row i of B rescaled to equal norms (A B unchanged; for plain SVD this is
+U_r √Σ_r and √Σ_r V_rᵀ exactly). With a scaling, S⁻¹ makes A's columns orders of magnitude smaller than B's
+rows, and Adam, whose steps are about lr per entry, would then move A far faster (relatively) than B and
+destabilize healing. The methods differ in S:
 
   svd       S = I                               minimizes ‖K − K_r‖_F (the weights)
   whitened  S = Lᵀ with L Lᵀ = XᵀX (Cholesky)   minimizes ‖X (K − K_r)‖_F (the layer's outputs on the
@@ -220,9 +224,15 @@ def decompose_factors(a: jax.Array, b: jax.Array, decomposition: Decomposition, 
 
 
 def truncate(spectrum: Spectrum, r: int, dtype=None) -> tuple[jax.Array, jax.Array]:
-    """A = left_r √s_r (d_in, r), B = √s_r right_r (r, d_out): the rank-r factors, cast to `dtype`."""
-    root = jnp.sqrt(spectrum.s[:r])
-    a, b = spectrum.left[:, :r] * root, root[:, None] * spectrum.right[:r]
+    """A (d_in, r), B (r, d_out) with A B = left_r diag(s_r) right_r, balanced (‖A[:, i]‖ = ‖B[i]‖, see the
+    module docstring), cast to `dtype`."""
+    left, s, right = spectrum.left[:, :r], spectrum.s[:r], spectrum.right[:r]
+    left_norm, right_norm = jnp.linalg.norm(left, axis=0), jnp.linalg.norm(right, axis=1)
+    ok = (left_norm > 0) & (right_norm > 0)
+    # column i of A: left_i · √(s_i ‖right_i‖ / ‖left_i‖); row i of B: right_i · √(s_i ‖left_i‖ / ‖right_i‖)
+    ratio = jnp.where(ok, right_norm / jnp.where(ok, left_norm, 1.0), 1.0)
+    a = left * jnp.sqrt(s * ratio)
+    b = jnp.sqrt(s / ratio)[:, None] * right
     return (a, b) if dtype is None else (a.astype(dtype), b.astype(dtype))
 
 
