@@ -32,6 +32,7 @@ All linear algebra runs in float32 (or wider) with jnp, eagerly or under jit; th
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -226,7 +227,12 @@ def decompose_factors(a: jax.Array, b: jax.Array, decomposition: Decomposition, 
 def truncate(spectrum: Spectrum, r: int, dtype=None) -> tuple[jax.Array, jax.Array]:
     """A (d_in, r), B (r, d_out) with A B = left_r diag(s_r) right_r, balanced (‖A[:, i]‖ = ‖B[i]‖, see the
     module docstring), cast to `dtype`."""
-    left, s, right = spectrum.left[:, :r], spectrum.s[:r], spectrum.right[:r]
+    return _truncate(spectrum.left, spectrum.s, spectrum.right, r, None if dtype is None else jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))  # one compiled function per shape, not a dozen eager ops
+def _truncate(left, s, right, r, dtype):
+    left, s, right = left[:, :r], s[:r], right[:r]
     left_norm, right_norm = jnp.linalg.norm(left, axis=0), jnp.linalg.norm(right, axis=1)
     ok = (left_norm > 0) & (right_norm > 0)
     # column i of A: left_i · √(s_i ‖right_i‖ / ‖left_i‖); row i of B: right_i · √(s_i ‖left_i‖ / ‖right_i‖)
