@@ -54,7 +54,7 @@ from plrd_jax.model import Decoder, count_params
 from plrd_jax.sharding import RULES, batch_sharding, make_mesh, param_shardings, replicated, shard_activations
 from plrd_jax.store import FamilyStore, StoreError, abstract_params
 from plrd_jax.train import (HealConfig, TrainState, init_train_state, learning_rate_schedule, make_heal_step,
-                            make_optimizer, next_token_loss, trainable)
+                            make_optimizer, next_token_loss, train_state_shardings, trainable)
 from plrd_jax.transforms.prune import prune
 
 LAGRANGIAN_TERMS = M.MASK_NAMES + ("kv_groups",)  # one (λ1, λ2) each; kv_groups stays unused for MHA
@@ -168,35 +168,13 @@ def _new_state(params, optimizer) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(_trainable(params)))
 
 
-def _state_shardings(abstract_state, params_shardings, mesh: Mesh):
-    """A leaf whose trailing dict keys name a param of the same shape (the param, Adam's mu and nu) gets that
-    param's sharding; everything else is replicated."""
-    shapes = {}
-    for (kp, x), s in zip(jax.tree_util.tree_leaves_with_path(abstract_state.params),
-                          jax.tree.leaves(params_shardings)):
-        shapes[tuple(str(k.key) for k in kp)] = (x.shape, s)
-
-    def pick(key_path, x):
-        names = []
-        for k in reversed(key_path):
-            if not isinstance(k, jax.tree_util.DictKey):
-                break
-            names.insert(0, str(k.key))
-        for i in range(len(names)):
-            shape, s = shapes.get(tuple(names[i:]), (None, None))
-            if shape == x.shape:
-                return s
-        return replicated(mesh)
-    return jax.tree_util.tree_map_with_path(pick, abstract_state)
-
-
 def prune_state_layout(config: ModelConfig, heal_config: HealConfig, l0: L0Config, mesh: Mesh, model_shardings):
     """(abstract pruning TrainState, its shardings) for `config`'s params on `model_shardings`."""
     optimizer = make_prune_optimizer(heal_config, l0)
     abstract_model = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params(config))
     abstract_full = jax.eval_shape(lambda p: init_prune_params(p, config, l0), abstract_model)
     abstract_state = jax.eval_shape(lambda p: _new_state(p, optimizer), abstract_full)
-    return abstract_state, _state_shardings(abstract_state, prune_shardings(model_shardings, mesh), mesh)
+    return abstract_state, train_state_shardings(abstract_state, prune_shardings(model_shardings, mesh), mesh)
 
 
 def make_prune_step(config: ModelConfig, target: M.TargetShape, heal_config: HealConfig, l0: L0Config,

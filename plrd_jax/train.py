@@ -147,7 +147,7 @@ def _new_state(params, optimizer) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(trainable(params)))
 
 
-def _state_shardings(abstract_state: TrainState, params_shardings, mesh: Mesh):
+def train_state_shardings(abstract_state: TrainState, params_shardings, mesh: Mesh):
     """Shardings for a whole TrainState: any leaf whose trailing dict keys name a param of the same shape
     (params, Adam's mu and nu) gets that param's sharding; everything else is replicated."""
     shapes = {}
@@ -187,7 +187,7 @@ def init_train_state(params, heal_config: HealConfig, mesh: Mesh, params_shardin
     if params_shardings is None:
         params_shardings = param_shardings(params, mesh, rules)
     abstract = jax.eval_shape(lambda p: _new_state(p, optimizer), params)
-    shardings = _state_shardings(abstract, params_shardings, mesh)
+    shardings = train_state_shardings(abstract, params_shardings, mesh)
     params = jax.device_put(params, params_shardings)
     return jax.jit(lambda p: _new_state(p, optimizer), out_shardings=shardings)(params)
 
@@ -211,7 +211,7 @@ def make_heal_step(model_config: ModelConfig, heal_config: HealConfig, mesh: Mes
     optimizer, schedule = make_optimizer(h), learning_rate_schedule(h)
 
     abstract_state = jax.eval_shape(lambda p: _new_state(p, optimizer), _abstract_params(model_config))
-    state_shardings = _state_shardings(abstract_state, params_shardings, mesh)
+    state_shardings = train_state_shardings(abstract_state, params_shardings, mesh)
     teacher_shardings = None
     if teacher is not None:
         teacher_shardings = param_shardings(_abstract_params(teacher), mesh, rules)
