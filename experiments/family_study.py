@@ -31,7 +31,7 @@ def load(directory: str) -> tuple[list[dict], dict]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("families", nargs="+", help="LABEL=FAMILY_DIR, the first is the reference")
-    ap.add_argument("--parent-ppl", type=float, default=None, help="drawn as a star (default: from the summary)")
+    ap.add_argument("--parent-ppl", type=float, default=None, help="drawn as a star (default: the first family's summary.csv)")
     ap.add_argument("--out", default="experiments/results/family")
     args = ap.parse_args(argv)
 
@@ -88,8 +88,14 @@ def main(argv=None):
         ax.plot(xs, [r["ppl_after"] for r in results], marker="o", color=color, label=f"{label}, healed")
         ax.plot(xs, [r["ppl_before"] for r in results], marker=".", linestyle="--", color=color, alpha=0.6,
                 label=f"{label}, before healing")
-    if args.parent_ppl:
-        ax.plot([ref[0]["params"] / ref[0]["fraction"] / 1e6], [args.parent_ppl], marker="*", markersize=14,
+    parent_ppl = args.parent_ppl
+    summary = os.path.join(args.families[0].partition("=")[2], "summary.csv")
+    if parent_ppl is None and os.path.exists(summary):  # the family command's table has the parent's row
+        with open(summary) as f:
+            parent_ppl = next((float(row["PPL before heal"]) for row in csv.DictReader(f) if row["member"] == "parent"),
+                              None)
+    if parent_ppl:
+        ax.plot([ref[0]["params"] / ref[0]["fraction"] / 1e6], [parent_ppl], marker="*", markersize=14,
                 linestyle="none", color="k", label="parent")
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
