@@ -88,7 +88,7 @@ def cmd_export(args):
 
 def family_schedule(args):
     """The preset named by --schedule (or budget fractions), with the command line's overrides."""
-    from plrd_jax.family import PRESETS, Schedule, _stages
+    from plrd_jax.family import PRESETS, _stages
 
     if args.schedule in PRESETS:
         schedule = PRESETS[args.schedule]
@@ -98,7 +98,8 @@ def family_schedule(args):
         except ValueError:
             raise ValueError(f"--schedule {args.schedule!r} is neither a preset ({', '.join(PRESETS)}) "
                              "nor comma-separated budget fractions like 0.9,0.75") from None
-        schedule = Schedule(_stages(fractions, PRESETS["plrd"].stages[0].heal_tokens))
+        plrd = PRESETS["plrd"]  # budget fractions: the plrd preset's settings at other sizes
+        schedule = dataclasses.replace(plrd, stages=_stages(fractions, plrd.stages[0].heal_tokens))
     heal = {k: v for k, v in (("lr", args.lr), ("kd_weight", args.kd_weight), ("dtype", args.dtype),
                               ("grad_accum", args.grad_accum)) if v is not None}
     top = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len),

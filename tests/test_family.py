@@ -49,3 +49,16 @@ def test_a_different_schedule_into_the_same_directory_is_refused(tmp_path):
                                                              heal=SCHEDULE.heal), heal, evals, store)
     with pytest.raises(StoreError, match="another family run"):
         run_family("tiny", CONFIG, init_params(CONFIG), SCHEDULE, heal, evals, store)
+
+
+def test_budget_fractions_on_the_command_line_keep_the_plrd_preset_settings():
+    from plrd_jax.cli import build_parser, family_schedule
+    from plrd_jax.family import PRESETS
+
+    schedule = family_schedule(build_parser().parse_args(["family", "--out", "x", "--schedule", "0.7,0.3",
+                                                          "--one-shot"]))
+    assert [s.budget_fraction for s in schedule.stages] == [0.7, 0.3]
+    assert schedule.decomposition == PRESETS["plrd"].decomposition == "whitened"
+    assert not schedule.progressive
+    assert family_schedule(build_parser().parse_args(["family", "--out", "x", "--schedule", "0.5",
+                                                      "--decomposition", "svd"])).decomposition == "svd"
