@@ -9,7 +9,8 @@ cross-entropy; median step time after one warm-up step. MFU = tokens/s · model 
 `plrd_jax.train.model_flops_per_token`) / the machine's peak (--peak-gflops: measured float32 matmul peak of
 this CPU, or the accelerator's bf16 peak).
 Members: those of --family DIR (e.g. the main job's), or uniform rank = fraction · 576 on every attention and
-MLP matrix (k/v only where it saves); forward of batch×seq_len tokens, median of ≥ 5; "FLOP ratio" = parent forward FLOPs / member forward FLOPs.
+MLP matrix (k/v only where it saves); forward of batch×seq_len tokens, median of ≥ 5 rounds in which the models
+take turns; "FLOP ratio" = parent forward FLOPs / member forward FLOPs.
 """
 from __future__ import annotations
 
@@ -78,12 +79,21 @@ def main():
             p, cfg = factorize(params, RankPlan(("attn", "mlp"), fraction=fraction), config)
             yield f"rank {round(fraction * config.hidden_size)}", cfg, p
 
+    compiled = []
     for name, cfg, p in members():
         fwd = jax.jit(lambda p, t, cfg=cfg: Decoder(cfg).apply({"params": p}, t))
         fwd(p, x).block_until_ready()
-        seconds = timed(lambda: fwd(p, x).block_until_ready(), max(args.steps, 5))
-        rows.append({"member": name, "seconds": seconds,
+        compiled.append((name, cfg, p, fwd))
+    times = {name: [] for name, *_ in compiled}
+    for _ in range(max(args.steps, 5)):  # round robin, so that a slow spell of the machine hits every member
+        for name, _, p, fwd in compiled:
+            t = time.perf_counter()
+            fwd(p, x).block_until_ready()
+            times[name].append(time.perf_counter() - t)
+    for name, cfg, _, _ in compiled:
+        rows.append({"member": name, "seconds": statistics.median(times[name]),
                      "flop_ratio": parent_flops / model_flops_per_token(cfg, args.seq_len, training=False)})
+    del compiled
     for r in rows:
         r["speedup"] = rows[0]["seconds"] / r["seconds"]
         r["speedup_over_flop_ratio"] = r["speedup"] / r["flop_ratio"]
