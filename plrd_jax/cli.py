@@ -211,6 +211,8 @@ def cmd_compress(args):
     if args.calibration_data == args.eval_data:
         raise ValueError(f"--calibration-data and --eval-data are both {args.eval_data!r}; calibrate on text disjoint "
                          "from the evaluation text (e.g. wikitext2-heal and wikitext2-eval)")
+    if not 0 <= args.sparse_density < 1:
+        raise ValueError(f"--sparse-density {args.sparse_density} must lie in [0, 1)")
     decomposition = Decomposition(args.decomposition, alpha=args.alpha)
     plan = RankPlan(args.matrices.split(","), budget=int(round((1 - args.reduction) * count_params(params))),
                     multiple_of=args.multiple_of, decomposition=decomposition)
@@ -221,7 +223,20 @@ def cmd_compress(args):
         with progress_bar(len(calib), "calibrate", "win") as bar:
             stats = calibrate(config, params, calib.windows, fisher=decomposition.needs_fisher,
                               progress=lambda done, total: bar.update(done - bar.n))
-    member, member_config, report = compress(params, plan, config, allocation=args.allocation, stats=stats)
+    if args.sparse_density:  # A B + S: ranks chosen with the sparse part's values and indices counted
+        from plrd_jax.transforms import sparse_plus_lowrank
+        from plrd_jax.transforms.allocate import allocate_ranks
+
+        chosen = allocate_ranks(params, plan.budget, args.allocation, matrices=plan.matrices,
+                                multiple_of=plan.multiple_of, decomposition=decomposition, stats=stats,
+                                sparse_density=args.sparse_density)
+        member, member_config = sparse_plus_lowrank(params, chosen.ranks, config, density=args.sparse_density,
+                                                    support="activation" if stats is not None else "residual",
+                                                    decomposition=decomposition, stats=stats)
+        report = {"decomposition": decomposition.method, "allocation": args.allocation,
+                  "sparse_density": args.sparse_density}
+    else:
+        member, member_config, report = compress(params, plan, config, allocation=args.allocation, stats=stats)
     eval_data = load_dataset(args.eval_data, tokenizer, args.eval_seq_len, data_dir=args.data_dir,
                              max_windows=-(-args.eval_tokens // args.eval_seq_len))
     parent_ppl = perplexity(config, params, eval_data.windows, batch_size=4).ppl
@@ -234,7 +249,8 @@ def cmd_compress(args):
         print("input scalings: " + ", ".join(f"{k} × {v}" for k, v in report["scalings"].items()))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        name = f"{args.decomposition}-{args.allocation}-{round(100 * args.reduction)}%"
+        name = f"{args.decomposition}-{args.allocation}-{round(100 * args.reduction)}%" + (
+            f"-sparse{args.sparse_density:g}" if args.sparse_density else "")
         store = FamilyStore(args.out)
         step = max(store.steps(), default=-1) + 1
         store.save(step, member, {"member": step, "name": name, "method": "compress", "parent": args.model,
@@ -602,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allocation", choices=["uniform", "energy", "sensitivity"], default="uniform")
     c.add_argument("--matrices", default="attn,mlp", help="groups, globs or re: patterns, comma-separated")
     c.add_argument("--multiple-of", type=int, default=8)
+    c.add_argument("--sparse-density", type=float, default=0.0,
+                   help="also keep a sparse part S (this fraction of each matrix's entries): A B + S members")
     c.add_argument("--calibration-data", default="wikitext2-heal", help="disjoint from --eval-data")
     c.add_argument("--calibration-windows", type=int, default=32)
     c.add_argument("--calibration-seq-len", type=int, default=512)

@@ -120,3 +120,31 @@ def test_errors(parent):
     low, _ = factorize(params, {"layers_0/attn/q": 8})
     with pytest.raises(PlanError, match="layers_0/attn/q is already factorized"):
         sparse_plus_lowrank(low, {"layers_0/attn/q": 4})
+
+
+def test_compress_command_builds_a_sparse_plus_lowrank_member_within_budget(tmp_path):
+    from plrd_jax.cli import main
+    from plrd_jax.io.hf import save_hf
+    from plrd_jax.io.load import load_model
+    from test_io_hf import small_tokenizer
+
+    tokenizer = small_tokenizer(full_byte_alphabet=True)
+    config = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                         num_kv_heads=2, max_seq_len=64)
+    params = init_params(config, seed=0)
+    save_hf(params, config, tmp_path / "parent", tokenizer=tokenizer)
+    (tmp_path / "calib.txt").write_text("the cat sat on the mat while the dog slept by the door. " * 40)
+    (tmp_path / "eval.txt").write_text("a bird sang in the tall tree near the quiet river bank. " * 20)
+    code = main(["compress", "--model", str(tmp_path / "parent"), "--reduction", "0.3", "--sparse-density", "0.05",
+                 "--decomposition", "whitened", "--multiple-of", "1", "--calibration-data", str(tmp_path / "calib.txt"),
+                 "--calibration-windows", "4", "--calibration-seq-len", "32", "--eval-data", str(tmp_path / "eval.txt"),
+                 "--eval-seq-len", "32", "--eval-tokens", "128", "--out", str(tmp_path / "members")])
+    assert code == 0
+    member_config, member, _ = load_model(f"{tmp_path / 'members'}:0")
+    kinds = {spec.kind for _, spec in member_config.linears}
+    assert kinds == {"sltrain"}
+    assert abs(count_params(member) - 0.7 * count_params(params)) <= 0.01 * 0.7 * count_params(params)
+    logits = Decoder(member_config).apply({"params": member}, jnp.ones((1, 8), jnp.int32))
+    assert np.isfinite(np.asarray(logits)).all()
+    assert main(["compress", "--model", str(tmp_path / "parent"), "--reduction", "0.3", "--sparse-density", "1.5",
+                 "--calibration-data", str(tmp_path / "calib.txt"), "--eval-data", str(tmp_path / "eval.txt")]) == 2
