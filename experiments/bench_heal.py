@@ -1,7 +1,8 @@
 """Forward latency of low-rank members against their FLOP ratio to the parent; then heal-step throughput and
 model FLOP utilization against an HF transformers (torch) AdamW step, side by side.
 
-    python experiments/bench_heal.py [--family runs/plrd-progressive | --fractions 0.75,0.5,0.25]
+    python experiments/bench_heal.py [--family runs/plrd-progressive | --fractions 0.75,0.5,0.25
+        | --budgets 0.6,0.5,0.4 --multiple-of 1,16] [--skip-torch]
         [--batch 4] [--seq-len 256] [--steps 3] [--dtype float32] [--peak-gflops 165] [--json OUT]
 
 Heal: the same parent (embedded GGUF, dequantized), batch, length and optimizer (AdamW, clip 1.0), plain
@@ -44,13 +45,15 @@ def main():
     ap.add_argument("--fractions", default="0.75,0.5,0.25",
                     help="members: uniform rank = fraction · d on every attention and MLP matrix")
     ap.add_argument("--family", default=None, help="members: those of this family directory instead")
+    ap.add_argument("--budgets", default=None, help="members: at these fractions of the parent's parameters instead")
+    ap.add_argument("--multiple-of", default="1", help="with --budgets: round ranks to a multiple of each of these")
     ap.add_argument("--peak-gflops", type=float, default=165.0)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     from plrd_jax.io.load import embedded_path, load_model
-    from plrd_jax.model import Decoder
+    from plrd_jax.model import Decoder, count_params
     from plrd_jax.sharding import make_mesh, param_shardings
     from plrd_jax.train import HealConfig, init_train_state, make_heal_step, model_flops_per_token
     from plrd_jax.transforms import RankPlan, factorize
@@ -74,6 +77,14 @@ def main():
             for meta in FamilyStore(args.family, read_only=True).members():
                 cfg, p, _ = load_model(f"{args.family}:{meta['member']}")
                 yield meta["name"], cfg, p
+            return
+        if args.budgets:  # members at these fractions of the parent's parameters, ranks rounded to --multiple-of
+            n = count_params(params)
+            for budget in [float(f) for f in args.budgets.split(",")]:
+                for multiple in [int(m) for m in args.multiple_of.split(",")]:
+                    plan = RankPlan(("attn", "mlp"), budget=int(budget * n), multiple_of=multiple)
+                    p, cfg = factorize(params, plan, config)
+                    yield f"{round(100 * budget)}% (ranks × {multiple})", cfg, p
             return
         for fraction in [float(f) for f in args.fractions.split(",")]:
             p, cfg = factorize(params, RankPlan(("attn", "mlp"), fraction=fraction), config)
