@@ -184,13 +184,12 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
                                        decomposition=schedule.decomposition)
             stats = None
             if plan.decomposition.needs_stats or schedule.allocation != "uniform":
-                stats = None if schedule.progressive else parent_stats
+                stats = parent_stats
                 if stats is None:
                     stats = calibrate(source_config, source_params,
                                       heal_data.windows[:schedule.calibration_windows],
                                       fisher=plan.decomposition.needs_fisher)
-                if not schedule.progressive:
-                    parent_stats = stats
+                    parent_stats = None if schedule.progressive else stats
             params, config, decomposition_report = compress(source_params, plan, source_config,
                                                             allocation=schedule.allocation, stats=stats)
             shardings = param_shardings(params, mesh)
