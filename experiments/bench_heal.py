@@ -2,13 +2,19 @@
 model FLOP utilization against an HF transformers (torch) AdamW step, side by side.
 
     python experiments/bench_heal.py [--family runs/plrd-progressive | --fractions 0.75,0.5,0.25
-        | --budgets 0.6,0.5,0.4 --multiple-of 1,16] [--skip-torch]
+        | --budgets 0.6,0.5,0.4 --multiple-of 1,16] [--skip-torch] [--config-json CONFIG]
         [--batch 4] [--seq-len 256] [--steps 3] [--dtype float32] [--peak-gflops 165] [--json OUT]
+
+On a GPU (e.g. an H100/H200 without the checkpoint at hand):
+    python experiments/bench_heal.py --config-json smollm2_config.json --dtype bfloat16 --batch 32 \
+        --seq-len 1024 --steps 5 --peak-gflops 989000
 
 Heal: the same parent (embedded GGUF, dequantized), batch, length and optimizer (AdamW, clip 1.0), plain
 cross-entropy; median step time after one warm-up step. MFU = tokens/s · model FLOPs per token (6N + attention,
 `plrd_jax.train.model_flops_per_token`) / the machine's peak (--peak-gflops: measured float32 matmul peak of
-this CPU, or the accelerator's bf16 peak).
+this CPU, or the accelerator's dense bf16 peak). --config-json: random weights of that `ModelConfig` instead of
+the checkpoint (speed does not depend on the values). bfloat16: compute in bf16 with float32 master weights on
+both sides (torch: `autocast`); on a GPU torch runs on CUDA with its default SDPA attention.
 Members: those of --family DIR (e.g. the main job's), or uniform rank = fraction · 576 on every attention and
 MLP matrix (k/v only where it saves); forward of batch×seq_len tokens, median of ≥ 5 rounds in which the models
 take turns; "FLOP ratio" = parent forward FLOPs / member forward FLOPs.
@@ -50,19 +56,27 @@ def main():
     ap.add_argument("--peak-gflops", type=float, default=165.0)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--config-json", default=None, help="random weights of this ModelConfig JSON (speed only)")
     args = ap.parse_args()
 
-    from plrd_jax.io.load import embedded_path, load_model
-    from plrd_jax.model import Decoder, count_params
+    from plrd_jax.config import ModelConfig
+    from plrd_jax.io.load import cast, embedded_path, load_model
+    from plrd_jax.model import Decoder, count_params, init_params
     from plrd_jax.sharding import make_mesh, param_shardings
     from plrd_jax.train import HealConfig, init_train_state, make_heal_step, model_flops_per_token
     from plrd_jax.transforms import RankPlan, factorize
 
-    config, params, _ = load_model(args.model)
+    if args.config_json:
+        with open(args.config_json) as f:
+            config = ModelConfig.from_dict(json.load(f)).replace(param_dtype="float32", dtype="float32")
+        params = init_params(config)
+    else:
+        config, params, _ = load_model(args.model)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (1, args.batch, args.seq_len)).astype(np.int32)
     n_tokens = args.batch * args.seq_len
-    out = {"model": args.model, "batch": args.batch, "seq_len": args.seq_len, "dtype": args.dtype}
+    out = {"model": args.config_json or args.model, "batch": args.batch, "seq_len": args.seq_len,
+           "dtype": args.dtype, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
 
     # Forward latency of members against their FLOP ratio (first: torch's idle OpenMP threads spin for a while
     # after its last op and would slow whatever runs next).
@@ -92,6 +106,8 @@ def main():
 
     compiled = []
     for name, cfg, p in members():
+        if args.dtype != "float32":
+            cfg, p = cast(cfg, p, args.dtype)
         fwd = jax.jit(lambda p, t, cfg=cfg: Decoder(cfg).apply({"params": p}, t))
         fwd(p, x).block_until_ready()
         compiled.append((name, cfg, p, fwd))
@@ -131,34 +147,51 @@ def main():
     del box, state
 
     if not args.skip_torch:
+        import contextlib
+
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+        from plrd_jax.io.hf import config_to_hf
 
         torch.set_num_threads(os.cpu_count())
-        path = str(embedded_path(args.model))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                  dtype=dtype).train()
+        # On a GPU, float32 master weights and bf16 autocast (as ours); on the CPU, weights in the compute dtype.
+        weights_dtype = torch.float32 if device == "cuda" else dtype
+        if args.config_json:
+            hf_config = LlamaConfig(**config_to_hf(config))
+            hf = LlamaForCausalLM(hf_config).to(device=device, dtype=weights_dtype).train()
+        else:
+            path = str(embedded_path(args.model))
+            hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                      dtype=weights_dtype).to(device).train()
         opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
-        t_tokens = torch.from_numpy(tokens[0].astype(np.int64))
+        t_tokens = torch.from_numpy(tokens[0].astype(np.int64)).to(device)
+        autocast = (torch.autocast("cuda", dtype=dtype) if device == "cuda" and dtype != torch.float32
+                    else contextlib.nullcontext())
 
         def theirs():
-            loss = hf(t_tokens, labels=t_tokens).loss
+            with autocast:
+                loss = hf(t_tokens, labels=t_tokens).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
 
         theirs()
         t_theirs = timed(theirs, args.steps)
         out["torch_heal_tokens_per_s"] = n_tokens / t_theirs
+        out["torch_heal_mfu"] = n_tokens / t_theirs * flops / (args.peak_gflops * 1e9)
         out["heal_ratio"] = out["plrd_jax_heal_tokens_per_s"] / out["torch_heal_tokens_per_s"]
         del hf, opt
 
     print(f"heal step {args.batch}×{args.seq_len} {args.dtype}: plrd_jax {out['plrd_jax_heal_tokens_per_s']:.0f} tok/s "
           f"(MFU {100 * out['plrd_jax_heal_mfu']:.0f}% of {args.peak_gflops:.0f} GFLOP/s)"
           + (f", HF torch {out['torch_heal_tokens_per_s']:.0f} tok/s, ratio {out['heal_ratio']:.2f}×"
-             if "heal_ratio" in out else ""))
+             if "heal_ratio" in out else "") + f" on {out['device']}")
     print("| member | forward s | speed-up | FLOP ratio | speed-up / FLOP ratio |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['member']} | {r['seconds']:.3f} | {r['speedup']:.2f} | {r['flop_ratio']:.2f} | "

@@ -64,6 +64,9 @@ def linear(config: ModelConfig, path: str, features: int, name: str, use_bias: b
     return Linear(features, config.linear(path), use_bias, config.jnp_dtype, config.jnp_param_dtype, name=name)
 
 
+HALF_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
 class Attention(nn.Module):
     config: ModelConfig
     layer: int
@@ -84,6 +87,11 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1)
             cache = {"k": k, "v": v}
             k_pos = jnp.broadcast_to(jnp.arange(k.shape[1]), (B, k.shape[1]))
+        if cache is None and z_head is None and jax.default_backend() == "gpu" and q.dtype in HALF_DTYPES:
+            # cuDNN's fused attention: the T × T scores never reach device memory
+            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
+                                               implementation="cudnn").reshape(B, T, H * hd)
+            return linear(c, f"{p}/o", c.hidden_size, "o")(out), cache
         q = q.reshape(B, T, KV, H // KV, hd)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)) / jnp.sqrt(hd).astype(q.dtype)
         causal = k_pos[:, None, :] <= positions[:, :, None]  # (B, T, S)
