@@ -100,7 +100,7 @@ def main():
                     p, cfg = factorize(params, plan, config)
                     yield f"{round(100 * budget)}% (ranks × {multiple})", cfg, p
             return
-        for fraction in [float(f) for f in args.fractions.split(",")]:
+        for fraction in [float(f) for f in args.fractions.split(",") if f]:
             p, cfg = factorize(params, RankPlan(("attn", "mlp"), fraction=fraction), config)
             yield f"rank {round(fraction * config.hidden_size)}", cfg, p
 

@@ -10,7 +10,7 @@
 set -u -o pipefail
 out=${1:?usage: gpu_runs.sh OUT_DIR TOKENIZER_DIR}; tokenizer=${2:?usage: gpu_runs.sh OUT_DIR TOKENIZER_DIR}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, jax.devices(), \
 'flax', flax.__version__, 'optax', optax.__version__)" 2>&1 | tee -a "$out/gpu.txt"
