@@ -1,10 +1,12 @@
-"""Peak host memory of a streamed factorization on a synthetic checkpoint with LLaMA-2-7B's matrix shapes.
+"""Peak host memory of a streamed factorization (or pruning) on a synthetic checkpoint with LLaMA-2-7B's shapes.
 
     python experiments/streaming_memory.py --layers 2 --rank 1216 [--matrices attn,mlp] [--work /tmp/plrd-stream]
+    python experiments/streaming_memory.py --layers 2 --prune --out experiments/results/streaming_memory_prune
 
 Writes a float16 HF checkpoint (sharded like transformers': the embedding, one shard per layer, the LM head)
 with the shapes of LLaMA-2-7B (d 4096, MLP 11008, vocab 32000) but only `--layers` layers, then factorizes it
-with `plrd_jax.streaming.factorize_streamed` in a child process that samples its own RSS (psutil, every
+with `plrd_jax.streaming.factorize_streamed` (with --prune: `prune_streamed` to Sheared-LLaMA-2.7B's widths,
+d 2560, 20 heads, intermediate 6912, every kept unit scaled by a mask value in [0.5, 1.5)) in a child process that samples its own RSS (psutil, every
 5 ms) and reports the peak per tensor and per layer; ru_maxrss gives the overall peak. The fixed overhead is
 the child's RSS after importing jax/orbax and starting the CPU backend, before the first tensor.
 
@@ -61,7 +63,19 @@ def write_checkpoint(directory: Path, layers: int, seed: int = 0) -> Path:
     return directory
 
 
-def child(checkpoint: str, family: str, rank: int, matrices: str, out: str) -> None:
+def sheared_masks(layers: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Masks that prune LLaMA-2-7B's widths to Sheared-LLaMA-2.7B's (random kept units and mask values)."""
+    rng = np.random.default_rng(seed)
+
+    def keep(shape, n):
+        z = np.zeros(shape, np.float32)
+        for row in z.reshape(-1, shape[-1]):
+            row[rng.choice(shape[-1], n, replace=False)] = rng.uniform(0.5, 1.5, n)
+        return z
+    return {"z_hidden": keep((4096,), 2560), "z_head": keep((layers, 32), 20), "z_int": keep((layers, 11008), 6912)}
+
+
+def child(checkpoint: str, family: str, rank: int, matrices: str, out: str, prune: bool = False) -> None:
     """Runs in its own process: the measurement itself."""
     import resource
     import threading
@@ -71,7 +85,7 @@ def child(checkpoint: str, family: str, rank: int, matrices: str, out: str) -> N
     sys.path.insert(0, str(ROOT))
     import jax
 
-    from plrd_jax.streaming import factorize_streamed
+    from plrd_jax.streaming import factorize_streamed, prune_streamed
     from plrd_jax.transforms import RankPlan
 
     jax.devices()
@@ -91,9 +105,12 @@ def child(checkpoint: str, family: str, rank: int, matrices: str, out: str) -> N
     sampler.start()
     plan = RankPlan(tuple(matrices.split(",")), rank=rank) if rank else {}  # rank 0: copy only (the I/O path)
     maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731 (Linux: KiB)
-    meta = factorize_streamed(checkpoint, plan, family, name=f"r{rank}",
-                              progress=lambda info: events.append((time.perf_counter(), info["tensor"],
-                                                                   info["layer"], maxrss())))
+    progress = lambda info: events.append((time.perf_counter(), info["tensor"], info["layer"], maxrss()))  # noqa: E731
+    if prune:
+        layers = json.loads((Path(checkpoint) / "config.json").read_text())["num_hidden_layers"]
+        meta = prune_streamed(checkpoint, sheared_masks(layers), family, name="sheared-widths", progress=progress)
+    else:
+        meta = factorize_streamed(checkpoint, plan, family, name=f"r{rank}", progress=progress)
     stop.set()
     sampler.join()
     per_tensor, start = [], t0
@@ -104,7 +121,7 @@ def child(checkpoint: str, family: str, rank: int, matrices: str, out: str) -> N
         start = t
     result = {"baseline_rss": baseline, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "sampled_peak_rss": max(rss for _, rss in samples), "seconds": time.perf_counter() - t0,
-              "per_tensor": per_tensor, "member_params": meta["params"], "rank": rank}
+              "per_tensor": per_tensor, "member_params": meta["params"], "rank": rank, "prune": prune}
     Path(out).write_text(json.dumps(result, indent=1))
 
 
@@ -119,9 +136,12 @@ def report(result: dict, layers: int) -> str:
     by_layer: dict[str, list[dict]] = {}
     for row in result["per_tensor"]:
         by_layer.setdefault(row["layer"], []).append(row)
-    what = (f"rank {result['rank']} on the matrices matching {result['matrices']!r}, the rest copied"
-            if result["rank"] else "every tensor copied")
-    lines = [f"Streamed factorization ({what}) of a float16 "
+    what = (f"factorization (rank {result['rank']} on the matrices matching {result['matrices']!r}, the rest copied)"
+            if result["rank"] else "factorization (every tensor copied)")
+    if result.get("prune"):
+        what = ("pruning (to Sheared-LLaMA-2.7B's widths: d 2560, 20 heads, intermediate 6912, kept units scaled by "
+                "their mask values)")
+    lines = [f"Streamed {what} of a float16 "
              f"checkpoint with LLaMA-2-7B's shapes and {layers} layers; float32 member of "
              f"{result['member_params']:,} params. Fixed overhead (RSS after imports and backend start): "
              f"{base / MIB:.0f} MiB. Bound: two float32 copies of the largest matrix = {bound / MIB:.0f} MiB "
@@ -151,12 +171,13 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "streaming_memory"))
     p.add_argument("--matrices", default="attn,mlp",
                    help="which matrices to factorize (RankPlan patterns, e.g. 'layers_*/mlp/down'); the rest is copied")
+    p.add_argument("--prune", action="store_true", help="measure prune_streamed instead of factorize_streamed")
     p.add_argument("--child", nargs=5, metavar=("CHECKPOINT", "FAMILY", "RANK", "MATRICES", "OUT"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         checkpoint, family, rank, matrices, out = args.child
-        return child(checkpoint, family, int(rank), matrices, out)
+        return child(checkpoint, family, int(rank), matrices, out, args.prune)
     work = Path(args.work)
     checkpoint = write_checkpoint(work / f"llama2-7b-shapes-{args.layers}l", args.layers)
     family = work / "family"
@@ -164,7 +185,7 @@ def main(argv=None):
     raw = work / "result.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     subprocess.run([sys.executable, __file__, "--child", str(checkpoint), str(family), str(args.rank),
-                    args.matrices, str(raw)], env=env, check=True)
+                    args.matrices, str(raw), *(["--prune"] if args.prune else [])], env=env, check=True)
     result = json.loads(raw.read_text())
     result.update(layers=args.layers, matrices=args.matrices)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
     factorize_streamed(hf_dir, plan, family_dir)       dense HF safetensors (sharded or not) -> low-rank member
     reduce_streamed(family_dir, member, plan)          a stored member -> a lower-rank member
+    prune_streamed(hf_dir, masks, family_dir)          dense HF safetensors -> structurally pruned member
 
 Each tensor is read alone (from the safetensors file that holds it, at its byte offset), transformed by the
 library's own transforms (`svd_factors`, `reduce_factors`, or any `(K, r) -> (A, B)`), and added to the new
@@ -35,6 +36,7 @@ from plrd_jax.config import LinearSpec, ModelConfig
 from plrd_jax.io.hf import CheckpointError, _dtype_name, config_from_hf, hf_layout, safetensors_files
 from plrd_jax.transforms.factorize import reduce_factors, svd_factors
 from plrd_jax.transforms.plan import PlanError, RankPlan, check_ranks, resolve_ranks
+from plrd_jax.transforms.prune import apply_cut, prune_cuts
 
 # safetensors dtype names -> numpy dtypes
 ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -359,6 +361,41 @@ def reduce_streamed(family_dir: str | os.PathLike, member: str, plan: RankPlan |
                 "parent": meta.get("parent"), "source_member": meta["member"], "config": new_config.to_dict(),
                 "params": writer.count, "compression": meta.get("compression", 1.0) * writer.count / meta["params"],
                 "tokens": 0, "step": step, "final": True, "ranks": ranks}
+    writer.commit(metadata)
+    return metadata
+
+
+def prune_streamed(hf_dir: str | os.PathLike, masks: Mapping[str, Any], family_dir: str | os.PathLike, *,
+                   name: str | None = None, dtype=None, progress: Progress | None = None) -> dict[str, Any]:
+    """The dense HF checkpoint at `hf_dir` pruned by fixed `masks` (z_layer, z_head, z_int, z_hidden; see
+    `plrd_jax.transforms.prune`) into a new member of the family store `family_dir`, one tensor at a time:
+    the same params as `prune` on the whole model. The masks are checked against the checkpoint's config
+    (PruneError) before any tensor is read. Returns the member's metadata."""
+    source = open_checkpoint(hf_dir, dtype)
+    config = source.config
+    cuts, new_config = prune_cuts(config, dict(masks))
+    step, member = _next_member(family_dir)
+    writer = MemberWriter(family_dir, step)
+    layout = hf_layout(config)
+    parent_count = sum(int(np.prod(shape)) for _, shape, _ in layout.values())
+    param_dtype = np.dtype(config.jnp_param_dtype)
+    for done, hf_name in enumerate(layout, start=1):
+        keys = layout[hf_name][0]
+        cut = cuts.get(keys[:-1])
+        if cut is not None:  # else: a dropped layer's tensor, never read
+            stored = ST_DTYPES[source.tensors[hf_name].dtype]
+            scaled = cut.row_scale is not None or cut.col_scale is not None
+            _, array = source.read(hf_name, "stored" if not scaled and exact_in(stored, param_dtype) else None)
+            writer.add((*cut.path, keys[-1]), np.ascontiguousarray(apply_cut(keys[-1], array, cut)))
+            del array
+        if progress is not None:
+            progress({"tensor": "/".join(keys), "layer": keys[0], "done": done, "total": len(layout)})
+    shape = {k: getattr(new_config, k) for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads",
+                                                 "intermediate_size")}
+    metadata = {"member": member, "name": name or f"pruned-{member}", "method": "prune-streamed",
+                "parent": str(hf_dir), "config": new_config.to_dict(), "params": writer.count,
+                "compression": writer.count / parent_count, "tokens": 0, "step": step, "final": True,
+                "shape": shape}
     writer.commit(metadata)
     return metadata
 

@@ -17,10 +17,12 @@ from plrd_jax.config import LinearSpec, ModelConfig
 from plrd_jax.io.hf import CheckpointError, config_to_hf, hf_state_dict, load_hf
 from plrd_jax.model import count_params, init_params
 from plrd_jax.store import load_member
-from plrd_jax.streaming import (abstract_params, factorize_streamed, open_checkpoint, read_tensor,
+from plrd_jax.model import Decoder
+from plrd_jax.streaming import (abstract_params, factorize_streamed, open_checkpoint, prune_streamed, read_tensor,
                                 reduce_streamed, streamed_ranks)
 from plrd_jax.transforms import RankPlan, factorize, predict_param_count, reduce_rank
 from plrd_jax.transforms.plan import PlanError
+from plrd_jax.transforms.prune import PruneError, prune
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=80, num_layers=2, num_heads=4,
                      num_kv_heads=2, max_seq_len=32, tie_embeddings=False)
@@ -73,6 +75,38 @@ def test_streamed_factorize_then_reduce_equal_the_in_memory_transforms(parent, t
     a, b = leaves(reduced), leaves(expected2)
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_streamed_prune_equals_prune_and_computes_the_masked_parent(parent, tmp_path):
+    path, params = parent
+    rng = np.random.default_rng(5)
+    masks = {"z_layer": np.array([0.8, 1.0], np.float32),
+             "z_head": np.array([[1.2, 0.7, 0, 0], [0, 0, 0.9, 1.1]], np.float32),  # one kv group per layer
+             "z_int": np.where(rng.random((2, 80)) < 0.5, 0, rng.uniform(0.5, 1.5, (2, 80))).astype(np.float32),
+             "z_hidden": np.where(np.arange(32) % 4 == 3, 0, rng.uniform(0.5, 1.5, 32)).astype(np.float32)}
+    masks["z_int"][:, :40] = 0.0  # every layer keeps as many intermediate dims
+    masks["z_int"][:, 40:] = np.where(masks["z_int"][:, 40:] == 0, 1.0, masks["z_int"][:, 40:])
+    meta = prune_streamed(path, masks, tmp_path / "fam", name="pruned")
+    config, streamed, _ = load_member(f"{tmp_path / 'fam'}:pruned")
+    expected, expected_config = prune(params, CONFIG, masks)
+    assert config == expected_config and (config.num_kv_heads, config.hidden_size, config.intermediate_size) == (1, 24, 40)
+    assert meta["params"] == count_params(expected)
+    a, b = leaves(streamed), leaves(expected)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    tokens = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 12)), jnp.int32)
+    masked = Decoder(CONFIG).apply({"params": params}, tokens, masks={k: jnp.asarray(v) for k, v in masks.items()})
+    np.testing.assert_allclose(Decoder(config).apply({"params": streamed}, tokens), masked, rtol=1e-4, atol=1e-4)
+
+
+def test_streamed_prune_with_bad_masks_fails_before_any_work(parent, tmp_path):
+    path, _ = parent
+    with pytest.raises(PruneError, match="z_int has shape"):
+        prune_streamed(path, {"z_int": np.ones((2, 81), np.float32)}, tmp_path / "fam")
+    with pytest.raises(PruneError, match="keep the same number"):
+        prune_streamed(path, {"z_head": np.array([[1, 0, 1, 0], [1, 1, 0, 0]], np.float32)}, tmp_path / "fam")
+    assert not (tmp_path / "fam").exists()
 
 
 def test_bfloat16_shards_are_read_exactly(parent, tmp_path):

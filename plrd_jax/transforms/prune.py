@@ -18,7 +18,8 @@ Masks must be concrete (not traced): the output shapes depend on their values.
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
+import dataclasses
+
 import numpy as np
 
 from plrd_jax.config import ModelConfig
@@ -33,30 +34,40 @@ def _kept(z: np.ndarray) -> np.ndarray:
     return np.flatnonzero(z != 0)
 
 
-def _slice(node: dict, path: str, rows=None, cols=None, row_scale=None, col_scale=None) -> dict:
-    """A matrix node with rows / columns of K = kernel or A B selected and scaled (rank unchanged)."""
-    if "values" in node or "indices" in node:
-        raise PruneError(f"{path} is an SLTrain matrix (fixed sparse support); densify it before pruning")
-    out = dict(node)
-    for key in ("kernel", "A"):
-        if key in node:
-            x = node[key]
-            if rows is not None:
-                x = x[rows]
-            if row_scale is not None:
-                x = x * jnp.asarray(row_scale, x.dtype)[:, None]
-            out[key] = x
-    for key in ("kernel", "B"):
-        if key in node:
-            x = out[key]
-            if cols is not None:
-                x = x[:, cols]
-            if col_scale is not None:
-                x = x * jnp.asarray(col_scale, x.dtype)[None, :]
-            out[key] = x
-    if "bias" in node and cols is not None:
-        out["bias"] = node["bias"][cols] * (1 if col_scale is None else jnp.asarray(col_scale, node["bias"].dtype))
-    return out
+@dataclasses.dataclass(frozen=True)
+class Cut:
+    """What pruning does to one param node (a matrix, norm or the embedding): move it to `path`, keep `rows` /
+    `cols` of it (None: all) and scale what is kept. A matrix's rows are those of K = kernel or A, its columns
+    those of K or B (the rank is left alone); a norm's scale and a bias are cut like columns."""
+
+    path: tuple[str, ...]
+    rows: np.ndarray | None = None
+    cols: np.ndarray | None = None
+    row_scale: np.ndarray | None = None
+    col_scale: np.ndarray | None = None
+
+
+def apply_cut(leaf: str, x, cut: Cut):
+    """Leaf `leaf` ("kernel", "A", "B", "bias", "scale", "embedding") of a node after `cut`; numpy or jax."""
+    if leaf in ("values", "indices"):
+        raise PruneError(f"{'/'.join(cut.path)} is an SLTrain matrix (fixed sparse support); densify it before "
+                         "pruning")
+    if leaf in ("kernel", "A"):
+        if cut.rows is not None:
+            x = x[cut.rows]
+        if cut.row_scale is not None:
+            x = x * np.asarray(cut.row_scale, x.dtype)[:, None]
+    if leaf in ("kernel", "B", "embedding"):
+        if cut.cols is not None:
+            x = x[:, cut.cols]
+        if cut.col_scale is not None:
+            x = x * np.asarray(cut.col_scale, x.dtype)[None, :]
+    if leaf in ("bias", "scale"):
+        if cut.cols is not None:
+            x = x[cut.cols]
+        if cut.col_scale is not None:
+            x = x * np.asarray(cut.col_scale, x.dtype)
+    return x
 
 
 def _check_masks(masks: dict, config: ModelConfig) -> dict[str, np.ndarray]:
@@ -114,12 +125,9 @@ def pruned_shape(masks: dict, config: ModelConfig) -> dict[str, int]:
             "intermediate_size": _one_count(inter, "intermediate dims")}
 
 
-def prune(params, config: ModelConfig, masks: dict) -> tuple[dict, ModelConfig]:
-    """(params, config) of the smaller dense-shaped model equal in function to `config` run with `masks`.
-
-    masks: any of z_layer [L], z_head [L, H], z_int [L, m], z_hidden [d] (a missing one keeps everything).
-    The new config states head_dim explicitly and keeps each surviving matrix's LinearSpec.
-    """
+def prune_cuts(config: ModelConfig, masks: dict) -> tuple[dict[tuple[str, ...], Cut], ModelConfig]:
+    """(node path -> Cut for every param node that survives, the pruned config), from the masks alone: what
+    `prune` does to a whole tree and `plrd_jax.streaming.prune_streamed` to one tensor at a time."""
     shape = pruned_shape(masks, config)
     z = _check_masks(masks, config)
     L, H, KV, hd = config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim_
@@ -129,22 +137,9 @@ def prune(params, config: ModelConfig, masks: dict) -> tuple[dict, ModelConfig]:
     h_scale = z_hidden[h_rows] if z_hidden is not None else None
     layers = _kept(z["z_layer"]) if "z_layer" in z else np.arange(L)
 
-    out = {}
-    embedding = params["embed"]["embedding"]
-    if h_rows is not None:
-        embedding = embedding[:, h_rows] * jnp.asarray(h_scale, embedding.dtype)
-    out["embed"] = {"embedding": embedding}
-
-    def norm(node, fold=True):
-        scale = node["scale"]
-        if h_rows is None:
-            return dict(node)
-        scale = scale[h_rows] * (jnp.asarray(h_scale, scale.dtype) if fold else 1)
-        return {**node, "scale": scale}
-
+    cuts = {("embed",): Cut(("embed",), cols=h_rows, col_scale=h_scale)}
     linears = {}
     for new, i in enumerate(layers):
-        block = params[f"layers_{i}"]
         z_layer = z["z_layer"][i] if "z_layer" in z else 1.0
         out_scale = (h_scale if h_scale is not None else np.ones(config.hidden_size, np.float32)) * z_layer
         head_z = z["z_head"][i] if "z_head" in z else np.ones(H, np.float32)
@@ -155,32 +150,46 @@ def prune(params, config: ModelConfig, masks: dict) -> tuple[dict, ModelConfig]:
         o_scale = np.repeat(head_z[heads], hd)
         int_z = z["z_int"][i] if "z_int" in z else np.ones(config.intermediate_size, np.float32)
         inter = _kept(int_z)
-        attn, mlp = block["attn"], block["mlp"]
-        p = f"layers_{i}"
-        out[f"layers_{new}"] = {
-            "attn_norm": norm(block["attn_norm"]),
-            "mlp_norm": norm(block["mlp_norm"]),
-            "attn": {
-                "q": _slice(attn["q"], f"{p}/attn/q", h_rows, q_cols),
-                "k": _slice(attn["k"], f"{p}/attn/k", h_rows, kv_cols),
-                "v": _slice(attn["v"], f"{p}/attn/v", h_rows, kv_cols),
-                "o": _slice(attn["o"], f"{p}/attn/o", q_cols, h_rows, o_scale, out_scale),
-            },
-            "mlp": {
-                "gate": _slice(mlp["gate"], f"{p}/mlp/gate", h_rows, inter),
-                "up": _slice(mlp["up"], f"{p}/mlp/up", h_rows, inter, None, int_z[inter]),
-                "down": _slice(mlp["down"], f"{p}/mlp/down", inter, h_rows, None, out_scale),
-            },
-        }
-        for name in ("q", "k", "v", "o", "gate", "up", "down"):
-            block_name = "attn" if name in ("q", "k", "v", "o") else "mlp"
-            spec = config.linear(f"{p}/{block_name}/{name}")
+        old, now = f"layers_{i}", f"layers_{new}"
+        for norm in ("attn_norm", "mlp_norm"):
+            cuts[(old, norm)] = Cut((now, norm), cols=h_rows, col_scale=h_scale)
+        for block, name, cut in (
+                ("attn", "q", dict(rows=h_rows, cols=q_cols)),
+                ("attn", "k", dict(rows=h_rows, cols=kv_cols)),
+                ("attn", "v", dict(rows=h_rows, cols=kv_cols)),
+                ("attn", "o", dict(rows=q_cols, cols=h_rows, row_scale=o_scale, col_scale=out_scale)),
+                ("mlp", "gate", dict(rows=h_rows, cols=inter)),
+                ("mlp", "up", dict(rows=h_rows, cols=inter, col_scale=int_z[inter])),
+                ("mlp", "down", dict(rows=inter, cols=h_rows, col_scale=out_scale))):
+            cuts[(old, block, name)] = Cut((now, block, name), **cut)
+            spec = config.linear(f"{old}/{block}/{name}")
             if spec.kind != "dense":
-                linears[f"layers_{new}/{block_name}/{name}"] = spec
-    out["final_norm"] = norm(params["final_norm"], fold=not config.tie_embeddings)
-    if "lm_head" in params:
-        out["lm_head"] = _slice(params["lm_head"], "lm_head", h_rows)
+                linears[f"{now}/{block}/{name}"] = spec
+    # The final norm takes z_hidden in only when the LM head is untied (a tied table already holds it).
+    cuts[("final_norm",)] = Cut(("final_norm",), cols=h_rows, col_scale=None if config.tie_embeddings else h_scale)
+    if not config.tie_embeddings:
+        cuts[("lm_head",)] = Cut(("lm_head",), rows=h_rows)
         if config.linear("lm_head").kind != "dense":
             linears["lm_head"] = config.linear("lm_head")
     new_config = config.replace(**shape, head_dim=hd, linears=())
-    return out, new_config.with_linears(linears)
+    return cuts, new_config.with_linears(linears)
+
+
+def prune(params, config: ModelConfig, masks: dict) -> tuple[dict, ModelConfig]:
+    """(params, config) of the smaller dense-shaped model equal in function to `config` run with `masks`.
+
+    masks: any of z_layer [L], z_head [L, H], z_int [L, m], z_hidden [d] (a missing one keeps everything).
+    The new config states head_dim explicitly and keeps each surviving matrix's LinearSpec.
+    """
+    cuts, new_config = prune_cuts(config, masks)
+    out: dict = {}
+    for old, cut in cuts.items():
+        node = params
+        for key in old:
+            node = node[key]
+        target = out
+        for key in cut.path:
+            target = target.setdefault(key, {})
+        for leaf, x in node.items():
+            target[leaf] = apply_cut(leaf, x, cut)
+    return out, new_config
