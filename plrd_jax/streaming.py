@@ -244,6 +244,13 @@ def _next_member(family_dir) -> tuple[int, int]:
     return (max(steps) + 1 if steps else 0), len(store.members())
 
 
+def _start_member(family_dir, config: ModelConfig) -> tuple[MemberWriter, int, dict, int]:
+    """(writer, member index, HF layout, parent param count) for a new member made from an HF checkpoint."""
+    step, member = _next_member(family_dir)
+    layout = hf_layout(config)
+    return MemberWriter(family_dir, step), member, layout, sum(int(np.prod(shape)) for _, shape, _ in layout.values())
+
+
 def _host(x) -> np.ndarray:
     return np.asarray(x)
 
@@ -262,10 +269,7 @@ def factorize_streamed(hf_dir: str | os.PathLike, plan: RankPlan | Mapping[str, 
     ranks = streamed_ranks(config, plan)
     check_ranks(abstract_params(config), ranks)
     new_config = member_config(config, ranks)
-    step, member = _next_member(family_dir)
-    writer = MemberWriter(family_dir, step)
-    layout = hf_layout(config)
-    parent_count = sum(int(np.prod(shape)) for _, shape, _ in layout.values())
+    writer, member, layout, parent_count = _start_member(family_dir, config)
     param_dtype = np.dtype(config.jnp_param_dtype)
     for done, hf_name in enumerate(layout, start=1):
         path = "/".join(layout[hf_name][0][:-1])
@@ -288,7 +292,7 @@ def factorize_streamed(hf_dir: str | os.PathLike, plan: RankPlan | Mapping[str, 
             progress({"tensor": "/".join(keys), "layer": keys[0], "done": done, "total": len(layout)})
     metadata = {"member": member, "name": name or f"streamed-{member}", "method": "plrd-streamed",
                 "parent": str(hf_dir), "config": new_config.to_dict(), "params": writer.count,
-                "compression": writer.count / parent_count, "tokens": 0, "step": step, "final": True,
+                "compression": writer.count / parent_count, "tokens": 0, "step": writer.step, "final": True,
                 "ranks": ranks}
     writer.commit(metadata)
     return metadata
@@ -374,10 +378,7 @@ def prune_streamed(hf_dir: str | os.PathLike, masks: Mapping[str, Any], family_d
     source = open_checkpoint(hf_dir, dtype)
     config = source.config
     cuts, new_config = prune_cuts(config, dict(masks))
-    step, member = _next_member(family_dir)
-    writer = MemberWriter(family_dir, step)
-    layout = hf_layout(config)
-    parent_count = sum(int(np.prod(shape)) for _, shape, _ in layout.values())
+    writer, member, layout, parent_count = _start_member(family_dir, config)
     param_dtype = np.dtype(config.jnp_param_dtype)
     for done, hf_name in enumerate(layout, start=1):
         keys = layout[hf_name][0]
@@ -394,7 +395,7 @@ def prune_streamed(hf_dir: str | os.PathLike, masks: Mapping[str, Any], family_d
                                                  "intermediate_size")}
     metadata = {"member": member, "name": name or f"pruned-{member}", "method": "prune-streamed",
                 "parent": str(hf_dir), "config": new_config.to_dict(), "params": writer.count,
-                "compression": writer.count / parent_count, "tokens": 0, "step": step, "final": True,
+                "compression": writer.count / parent_count, "tokens": 0, "step": writer.step, "final": True,
                 "shape": shape}
     writer.commit(metadata)
     return metadata

@@ -68,6 +68,11 @@ def _map_matrices(params, fn, path=""):
     return params
 
 
+def _with_weights(node, **weights):
+    """`node` with its weights (kernel, or A and B) replaced by `weights`; bias and the rest kept."""
+    return {**{k: v for k, v in node.items() if k not in ("kernel", "A", "B")}, **weights}
+
+
 def _check_kinds(config: ModelConfig | None, paths):
     for path in paths if config is not None else ():
         kind = config.linear(path).kind
@@ -92,20 +97,16 @@ def _apply_ranks(params, ranks: Mapping[str, int], config: ModelConfig | None,
     def new_node(path, node):
         if path not in ranks:
             return node
-        r, out = ranks[path], {}
-        s = None if plain else stats[path]
+        r = ranks[path]
         if spectra is not None and path in spectra:  # precomputed by the same decomposition
-            out["A"], out["B"] = truncate(spectra[path], r, node["kernel" if "kernel" in node else "A"].dtype)
-            return {**{k: v for k, v in node.items() if k not in ("kernel", "A", "B")}, **out}
-        for key, value in node.items():
-            if key == "kernel":
-                out["A"], out["B"] = svd_factors(value, r) if plain else decomposed_factors(value, r, decomposition, s)
-            elif key == "A":
-                out["A"], out["B"] = (reduce_factors(node["A"], node["B"], r) if plain else
-                                      reduced_factors(node["A"], node["B"], r, decomposition, s))
-            elif key != "B":
-                out[key] = value
-        return out
+            a, b = truncate(spectra[path], r, node["kernel" if "kernel" in node else "A"].dtype)
+        elif "kernel" in node:
+            a, b = svd_factors(node["kernel"], r) if plain else decomposed_factors(node["kernel"], r, decomposition,
+                                                                                  stats[path])
+        else:
+            a, b = (reduce_factors(node["A"], node["B"], r) if plain else
+                    reduced_factors(node["A"], node["B"], r, decomposition, stats[path]))
+        return _with_weights(node, A=a, B=b)
 
     new_params = _map_matrices(params, new_node)
     if config is None:
@@ -157,13 +158,7 @@ def densify(params, config: ModelConfig | None = None):
         dense_paths.append(path)
         a, b = node["A"], node["B"]
         kernel = _matmul(a.astype(_compute_dtype(a)), b.astype(_compute_dtype(b))).astype(a.dtype)
-        out = {}
-        for key, value in node.items():
-            if key == "A":
-                out["kernel"] = kernel
-            elif key != "B":
-                out[key] = value
-        return out
+        return _with_weights(node, kernel=kernel)
 
     new_params = _map_matrices(params, new_node)
     if config is None:
