@@ -19,6 +19,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # Activation rematerialization of each block (see plrd_jax.model.remat_policy): none, full (recompute the block),
 # dots (keep matmul outputs), bottleneck (keep only the r-dim activations of factorized linears: CoLA-M).
 REMAT_POLICIES = ("none", "full", "dots", "bottleneck")
+# How the sparse part S of an sltrain linear is applied (plrd_jax.linears): by shape, dense temporary, or gather
+# (never forms a d_in × d_out matrix).
+SPARSE_METHODS = ("auto", "scatter", "gather")
 
 
 class ConfigError(ValueError):
@@ -75,6 +78,7 @@ class ModelConfig:
     linears: tuple[tuple[str, LinearSpec], ...] = ()
     remat: str = "none"  # one of REMAT_POLICIES
     only_lr_act: bool = False  # CoLA: the MLP is down(gate(x) · up(x)), no SiLU of its own on the gate
+    sparse_method: str = "auto"  # one of SPARSE_METHODS
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -85,6 +89,9 @@ class ModelConfig:
             raise ConfigError(f"head_dim {self.head_dim_} must be even for rotary embeddings")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"unknown remat policy {self.remat!r}; expected one of {', '.join(REMAT_POLICIES)}")
+        if self.sparse_method not in SPARSE_METHODS:
+            raise ConfigError(f"unknown sparse method {self.sparse_method!r}; expected one of "
+                              f"{', '.join(SPARSE_METHODS)}")
         for name in (self.param_dtype, self.dtype):
             if name not in DTYPES:
                 raise ConfigError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")

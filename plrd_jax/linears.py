@@ -24,7 +24,7 @@ Initialization (each as its paper has it):
 The r-dim activation `x A` of every factorized layer (before CoLA's σ) is tagged `BOTTLENECK` with
 `checkpoint_name`, so a remat policy can keep exactly these (CoLA-M; see `plrd_jax.model.remat_policy`).
 
-S is applied one of two ways (`sparse_method`, "auto" picks by shape with `choose_sparse_method`):
+S is applied one of two ways (`ModelConfig.sparse_method`; "auto" picks by shape with `choose_sparse_method`):
   scatter  W = (α/r) A B + S built dense (S scattered into zeros), then y = x W; the reference implementation's
            way: O(d_in·d_out·(r + tokens)) work in dense matmuls, no (tokens × nnz) temporaries
   gather   y = (α/r)(x A) B + Σ_e x[:, row_e] v_e into column col_e (gather, then segment-sum); never forms a
@@ -39,11 +39,10 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from plrd_jax.config import ConfigError, LinearSpec
+from plrd_jax.config import SPARSE_METHODS, ConfigError, LinearSpec
 
 # Name under which the r-dim activation x A of a factorized linear is tagged for remat policies (CoLA-M).
 BOTTLENECK = "lowrank_bottleneck"
-SPARSE_METHODS = ("auto", "scatter", "gather")
 # Cost of one gathered-and-segment-summed sparse entry per token, in dense multiply-adds, fitted on CPU to
 # forward + backward times of 256×688 … 1024×2736 matrices at δ = 0.03 (experiments/bench_pretrain.py):
 # gather wins up to a few dozen tokens (decoding, small batches), scatter from a few hundred (training).

@@ -61,7 +61,8 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def linear(config: ModelConfig, path: str, features: int, name: str, use_bias: bool = False) -> Linear:
-    return Linear(features, config.linear(path), use_bias, config.jnp_dtype, config.jnp_param_dtype, name=name)
+    return Linear(features, config.linear(path), use_bias, config.jnp_dtype, config.jnp_param_dtype,
+                  config.sparse_method, name=name)
 
 
 HALF_DTYPES = (jnp.bfloat16, jnp.float16)

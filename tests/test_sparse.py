@@ -67,6 +67,23 @@ def test_gather_path_never_forms_the_dense_matrix(parent):
     np.testing.assert_allclose(fn(x), np.asarray(x, np.float64) @ reconstruction(n, 64, 96), atol=1e-5)
 
 
+def test_config_sparse_method_gather_keeps_the_whole_model_free_of_dense_matrices(parent):
+    params, _ = parent
+    ranks = {f"layers_{i}/mlp/{name}": 12 for i in range(2) for name in ("gate", "up")}  # every 64 × 96 matrix
+    member, config = sparse_plus_lowrank(params, ranks, CONFIG, density=0.05)
+
+    def shapes(cfg):  # every tensor type in the lowered program
+        return jax.jit(lambda p: Decoder(cfg).apply({"params": p}, TOKENS)).lower(member).as_text()
+
+    gather = config.replace(sparse_method="gather")
+    assert "tensor<64x96xf32>" in shapes(config)  # 32 tokens: "auto" takes the dense temporary
+    assert "64x96" not in shapes(gather) and "6144x" not in shapes(gather)
+    np.testing.assert_allclose(Decoder(gather).apply({"params": member}, TOKENS),
+                               Decoder(config).apply({"params": member}, TOKENS), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown sparse method"):
+        config.replace(sparse_method="dense")
+
+
 def test_top_residual_support_keeps_the_largest_entries(parent):
     params, _ = parent
     path = "layers_1/mlp/down"
