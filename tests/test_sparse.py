@@ -155,11 +155,12 @@ def test_compress_command_builds_a_sparse_plus_lowrank_member_within_budget(tmp_
     code = main(["compress", "--model", str(tmp_path / "parent"), "--reduction", "0.3", "--sparse-density", "0.05",
                  "--decomposition", "whitened", "--multiple-of", "1", "--calibration-data", str(tmp_path / "calib.txt"),
                  "--calibration-windows", "4", "--calibration-seq-len", "32", "--eval-data", str(tmp_path / "eval.txt"),
-                 "--eval-seq-len", "32", "--eval-tokens", "128", "--out", str(tmp_path / "members")])
+                 "--eval-seq-len", "32", "--eval-tokens", "128", "--sparse-method", "gather",
+                 "--out", str(tmp_path / "members")])
     assert code == 0
     member_config, member, _ = load_model(f"{tmp_path / 'members'}:0")
     kinds = {spec.kind for _, spec in member_config.linears}
-    assert kinds == {"sltrain"}
+    assert kinds == {"sltrain"} and member_config.sparse_method == "gather"
     assert abs(count_params(member) - 0.7 * count_params(params)) <= 0.01 * 0.7 * count_params(params)
     logits = Decoder(member_config).apply({"params": member}, jnp.ones((1, 8), jnp.int32))
     assert np.isfinite(np.asarray(logits)).all()
