@@ -309,8 +309,8 @@ def main():
                 value = perplexity(config, reconstructed(params, spectra, ranks), windows, batch_size=4).ppl
                 reference["members"].append({"decomposition": dec, "rank": r, "ppl": value,
                                              "reference_ppl": REFERENCE[(dec, r)],
-                                             "params": n_parent - sum(
-                                                 np.prod(shapes[p]) - r * sum(shapes[p]) for p in ref_paths)})
+                                             "params": int(n_parent - sum(
+                                                 np.prod(shapes[p]) - r * sum(shapes[p]) for p in ref_paths))})
                 log(f"reference {dec} r={r}: PPL {value:.4g} (torch: {REFERENCE[(dec, r)]:.4g})")
             del spectra
         results["reference"] = reference

@@ -384,10 +384,14 @@ def prune_streamed(hf_dir: str | os.PathLike, masks: Mapping[str, Any], family_d
         keys = layout[hf_name][0]
         cut = cuts.get(keys[:-1])
         if cut is not None:  # else: a dropped layer's tensor, never read
-            stored = ST_DTYPES[source.tensors[hf_name].dtype]
-            scaled = cut.row_scale is not None or cut.col_scale is not None
-            _, array = source.read(hf_name, "stored" if not scaled and exact_in(stored, param_dtype) else None)
-            writer.add((*cut.path, keys[-1]), np.ascontiguousarray(apply_cut(keys[-1], array, cut)))
+            # Select in the stored dtype, then widen and scale only what is kept: the least memory.
+            _, array = source.read(hf_name, "stored")
+            array = apply_cut(keys[-1], array, dataclasses.replace(cut, row_scale=None, col_scale=None))
+            if cut.row_scale is not None or cut.col_scale is not None:
+                array = apply_cut(keys[-1], array.astype(param_dtype), dataclasses.replace(cut, rows=None, cols=None))
+            elif not exact_in(array.dtype, param_dtype):
+                array = array.astype(param_dtype)
+            writer.add((*cut.path, keys[-1]), np.ascontiguousarray(array))
             del array
         if progress is not None:
             progress({"tensor": "/".join(keys), "layer": keys[0], "done": done, "total": len(layout)})
