@@ -388,7 +388,8 @@ def prune_streamed(hf_dir: str | os.PathLike, masks: Mapping[str, Any], family_d
             _, array = source.read(hf_name, "stored")
             array = apply_cut(keys[-1], array, dataclasses.replace(cut, row_scale=None, col_scale=None))
             if cut.row_scale is not None or cut.col_scale is not None:
-                array = apply_cut(keys[-1], array.astype(param_dtype), dataclasses.replace(cut, rows=None, cols=None))
+                array = apply_cut(keys[-1], array.astype(param_dtype), dataclasses.replace(cut, rows=None, cols=None),
+                                  inplace=True)
             elif not exact_in(array.dtype, param_dtype):
                 array = array.astype(param_dtype)
             writer.add((*cut.path, keys[-1]), np.ascontiguousarray(array))

@@ -47,8 +47,17 @@ class Cut:
     col_scale: np.ndarray | None = None
 
 
-def apply_cut(leaf: str, x, cut: Cut):
-    """Leaf `leaf` ("kernel", "A", "B", "bias", "scale", "embedding") of a node after `cut`; numpy or jax."""
+def _scaled(x, scale, inplace: bool):
+    scale = np.asarray(scale, x.dtype)
+    if inplace:
+        x *= scale
+        return x
+    return x * scale
+
+
+def apply_cut(leaf: str, x, cut: Cut, inplace: bool = False):
+    """Leaf `leaf` ("kernel", "A", "B", "bias", "scale", "embedding") of a node after `cut`; numpy or jax.
+    inplace: x is a numpy array the caller owns and the cut only scales: scale it in place (no copy)."""
     if leaf in ("values", "indices"):
         raise PruneError(f"{'/'.join(cut.path)} is an SLTrain matrix (fixed sparse support); densify it before "
                          "pruning")
@@ -56,17 +65,17 @@ def apply_cut(leaf: str, x, cut: Cut):
         if cut.rows is not None:
             x = x[cut.rows]
         if cut.row_scale is not None:
-            x = x * np.asarray(cut.row_scale, x.dtype)[:, None]
+            x = _scaled(x, np.asarray(cut.row_scale)[:, None], inplace)
     if leaf in ("kernel", "B", "embedding"):
         if cut.cols is not None:
             x = x[:, cut.cols]
         if cut.col_scale is not None:
-            x = x * np.asarray(cut.col_scale, x.dtype)[None, :]
+            x = _scaled(x, np.asarray(cut.col_scale)[None, :], inplace)
     if leaf in ("bias", "scale"):
         if cut.cols is not None:
             x = x[cut.cols]
         if cut.col_scale is not None:
-            x = x * np.asarray(cut.col_scale, x.dtype)
+            x = _scaled(x, cut.col_scale, inplace)
     return x
 
 
