@@ -99,6 +99,14 @@ def test_streamed_prune_equals_prune_and_computes_the_masked_parent(parent, tmp_
     masked = Decoder(CONFIG).apply({"params": params}, tokens, masks={k: jnp.asarray(v) for k, v in masks.items()})
     np.testing.assert_allclose(Decoder(config).apply({"params": streamed}, tokens), masked, rtol=1e-4, atol=1e-4)
 
+    dropped = {**masks, "z_layer": np.array([0.0, 1.0], np.float32)}  # layer 0's tensors are never read
+    prune_streamed(path, dropped, tmp_path / "fam", name="one-layer")
+    config, streamed, _ = load_member(f"{tmp_path / 'fam'}:one-layer")
+    expected, expected_config = prune(params, CONFIG, dropped)
+    assert config == expected_config and config.num_layers == 1
+    a, b = leaves(streamed), leaves(expected)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
 
 def test_streamed_prune_with_bad_masks_fails_before_any_work(parent, tmp_path):
     path, _ = parent
