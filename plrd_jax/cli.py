@@ -621,8 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--multiple-of", type=int, default=8)
     c.add_argument("--sparse-density", type=float, default=0.0,
                    help="also keep a sparse part S (this fraction of each matrix's entries): A B + S members")
-    c.add_argument("--sparse-method", choices=["auto", "scatter", "gather"], default="auto",
-                   help="how the member applies S: by shape, via a dense temporary, or gather (never a dense matrix)")
+    c.add_argument("--sparse-method", choices=["auto", "scatter", "gather"], default="gather",
+                   help="how the member applies S: gather (never a dense matrix), or by shape / via a dense "
+                        "temporary (faster for long inputs on CPU)")
     c.add_argument("--calibration-data", default="wikitext2-heal", help="disjoint from --eval-data")
     c.add_argument("--calibration-windows", type=int, default=32)
     c.add_argument("--calibration-seq-len", type=int, default=512)

@@ -67,19 +67,20 @@ def test_gather_path_never_forms_the_dense_matrix(parent):
     np.testing.assert_allclose(fn(x), np.asarray(x, np.float64) @ reconstruction(n, 64, 96), atol=1e-5)
 
 
-def test_config_sparse_method_gather_keeps_the_whole_model_free_of_dense_matrices(parent):
+def test_members_apply_s_by_gather_and_never_form_a_dense_matrix(parent):
     params, _ = parent
     ranks = {f"layers_{i}/mlp/{name}": 12 for i in range(2) for name in ("gate", "up")}  # every 64 × 96 matrix
     member, config = sparse_plus_lowrank(params, ranks, CONFIG, density=0.05)
 
-    def shapes(cfg):  # every tensor type in the lowered program
+    def program(cfg):  # every tensor type in the lowered forward
         return jax.jit(lambda p: Decoder(cfg).apply({"params": p}, TOKENS)).lower(member).as_text()
 
-    gather = config.replace(sparse_method="gather")
-    assert "tensor<64x96xf32>" in shapes(config)  # 32 tokens: "auto" takes the dense temporary
-    assert "64x96" not in shapes(gather) and "6144x" not in shapes(gather)
-    np.testing.assert_allclose(Decoder(gather).apply({"params": member}, TOKENS),
-                               Decoder(config).apply({"params": member}, TOKENS), rtol=1e-5, atol=1e-5)
+    assert config.sparse_method == "gather"
+    assert "64x96" not in program(config) and "6144x" not in program(config)
+    auto = config.replace(sparse_method="auto")
+    assert "tensor<64x96xf32>" in program(auto)  # 32 tokens: "auto" takes the dense temporary
+    np.testing.assert_allclose(Decoder(config).apply({"params": member}, TOKENS),
+                               Decoder(auto).apply({"params": member}, TOKENS), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown sparse method"):
         config.replace(sparse_method="dense")
 
@@ -155,8 +156,7 @@ def test_compress_command_builds_a_sparse_plus_lowrank_member_within_budget(tmp_
     code = main(["compress", "--model", str(tmp_path / "parent"), "--reduction", "0.3", "--sparse-density", "0.05",
                  "--decomposition", "whitened", "--multiple-of", "1", "--calibration-data", str(tmp_path / "calib.txt"),
                  "--calibration-windows", "4", "--calibration-seq-len", "32", "--eval-data", str(tmp_path / "eval.txt"),
-                 "--eval-seq-len", "32", "--eval-tokens", "128", "--sparse-method", "gather",
-                 "--out", str(tmp_path / "members")])
+                 "--eval-seq-len", "32", "--eval-tokens", "128", "--out", str(tmp_path / "members")])
     assert code == 0
     member_config, member, _ = load_model(f"{tmp_path / 'members'}:0")
     kinds = {spec.kind for _, spec in member_config.linears}

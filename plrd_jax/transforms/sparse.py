@@ -89,7 +89,8 @@ def sparse_plus_lowrank(params, ranks: Mapping[str, int], config: ModelConfig | 
         new_nodes[path] = new
         specs[path] = LinearSpec("sltrain", rank=r, nnz=nnz, alpha=float(r))
     new_params = _replace_nodes(params, new_nodes)
-    return new_params, None if config is None else config.with_linears(specs)
+    # A compressed member applies S by gather: no dense d_in × d_out matrix, not even as a temporary.
+    return new_params, None if config is None else config.with_linears(specs).replace(sparse_method="gather")
 
 
 def _replace_nodes(tree, nodes: Mapping[str, dict], path: str = ""):
