@@ -12,20 +12,11 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def median_seconds(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from timing import median_seconds
 
 
 def main():
@@ -68,8 +59,8 @@ def main():
     ours(), theirs()
     t_ours, t_theirs = [], []
     for _ in range(args.repeats):  # alternate so both see the same machine state
-        t_ours.append(median_seconds(ours, 1))
-        t_theirs.append(median_seconds(theirs, 1))
+        t_ours.append(median_seconds(ours, repeats=1))
+        t_theirs.append(median_seconds(theirs, repeats=1))
     n = args.batch * args.seq_len
     result = {"model": args.model, "dtype": args.dtype, "batch": args.batch, "seq_len": args.seq_len,
               "plrd_jax_tokens_per_s": n / statistics.median(t_ours),

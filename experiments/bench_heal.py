@@ -30,15 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from timing import median_seconds
 
 
 def main():
@@ -140,7 +132,7 @@ def main():
         box[0], metrics = step(box[0], tokens, None)
         jax.block_until_ready(metrics)
 
-    t_ours = timed(ours, args.steps)
+    t_ours = median_seconds(ours, repeats=args.steps)
     flops = model_flops_per_token(config, args.seq_len, training=True)
     out["plrd_jax_heal_tokens_per_s"] = n_tokens / t_ours
     out["plrd_jax_heal_mfu"] = n_tokens / t_ours * flops / (args.peak_gflops * 1e9)
@@ -182,7 +174,7 @@ def main():
                 torch.cuda.synchronize()
 
         theirs()
-        t_theirs = timed(theirs, args.steps)
+        t_theirs = median_seconds(theirs, repeats=args.steps)
         out["torch_heal_tokens_per_s"] = n_tokens / t_theirs
         out["torch_heal_mfu"] = n_tokens / t_theirs * flops / (args.peak_gflops * 1e9)
         out["heal_ratio"] = out["plrd_jax_heal_tokens_per_s"] / out["torch_heal_tokens_per_s"]

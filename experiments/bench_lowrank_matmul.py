@@ -12,24 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_seconds
 
 SHAPES = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "gate": (576, 1536), "up": (576, 1536)}
-
-
-def timed(fn, *args, repeats=15):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main():
@@ -41,13 +29,14 @@ def main():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((args.tokens, 576)), jnp.float32)
     kernels = {k: jnp.asarray(rng.standard_normal(s) * 0.02, jnp.float32) for k, s in SHAPES.items()}
-    t_dense = timed(jax.jit(lambda x, w: [x @ w[k] for k in SHAPES]), x, kernels)
+    t_dense = median_seconds(jax.jit(lambda x, w: [x @ w[k] for k in SHAPES]), x, kernels, repeats=15, warmup=1)
     dense_flops = sum(2 * args.tokens * a * b for a, b in SHAPES.values())
     rows = []
     for r in [int(v) for v in args.ranks.split(",")]:
         a = {k: jnp.asarray(rng.standard_normal((s[0], r)) * 0.02, jnp.float32) for k, s in SHAPES.items()}
         b = {k: jnp.asarray(rng.standard_normal((r, s[1])) * 0.02, jnp.float32) for k, s in SHAPES.items()}
-        t = timed(jax.jit(lambda x, a, b: [(x @ a[k]) @ b[k] for k in SHAPES]), x, a, b)
+        t = median_seconds(jax.jit(lambda x, a, b: [(x @ a[k]) @ b[k] for k in SHAPES]), x, a, b, repeats=15,
+                           warmup=1)
         ratio = dense_flops / sum(2 * args.tokens * r * (d_in + d_out) for d_in, d_out in SHAPES.values())
         rows.append({"rank": r, "flop_ratio": ratio, "speedup": t_dense / t, "speedup_over_flop_ratio": t_dense / t / ratio})
     print(f"dense projections: {t_dense * 1e3:.1f} ms ({dense_flops / t_dense / 1e9:.0f} GFLOP/s)")

@@ -9,22 +9,10 @@ Member: every attention and MLP matrix at rank fraction · min(d_in, d_out) (k/v
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def median_seconds(fn, *args, repeats=5):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from timing import median_seconds
 
 
 def main():
@@ -45,12 +33,12 @@ def main():
     member, member_config = sparse_plus_lowrank(params, ranks, config, density=args.density)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (1, args.tokens)), jnp.int32)
     forward = lambda cfg: jax.jit(lambda p, t: Decoder(cfg).apply({"params": p}, t))  # noqa: E731
-    parent_s = median_seconds(forward(config), params, tokens)
+    parent_s = median_seconds(forward(config), params, tokens, warmup=1)
     print(f"member: {count_params(member) / count_params(params):.1%} of the parent's parameters, "
           f"S at density {args.density}; 1 × {args.tokens} tokens, float32")
     print("| S applied by | forward s | vs dense parent |\n|---|---|---|")
     for method in ("gather", "auto", "scatter"):
-        s = median_seconds(forward(member_config.replace(sparse_method=method)), member, tokens)
+        s = median_seconds(forward(member_config.replace(sparse_method=method)), member, tokens, warmup=1)
         print(f"| {method} | {s:.3f} | {s / parent_s:.2f}× |")
     print(f"| (dense parent) | {parent_s:.3f} | 1.00× |")
 
