@@ -59,6 +59,8 @@ def main():
     from plrd_jax.transforms import RankPlan, factorize
 
     if args.config_json:
+        if not os.path.isfile(args.config_json):
+            raise SystemExit(f"error: --config-json {args.config_json}: no such file")
         with open(args.config_json) as f:
             config = ModelConfig.from_dict(json.load(f)).replace(param_dtype="float32", dtype="float32")
         params = init_params(config)

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from timing import median_seconds
 
+from plrd_jax.report import markdown_table
+
 SHAPES = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "gate": (576, 1536), "up": (576, 1536)}
 
 
@@ -40,9 +42,9 @@ def main():
         ratio = dense_flops / sum(2 * args.tokens * r * (d_in + d_out) for d_in, d_out in SHAPES.values())
         rows.append({"rank": r, "flop_ratio": ratio, "speedup": t_dense / t, "speedup_over_flop_ratio": t_dense / t / ratio})
     print(f"dense projections: {t_dense * 1e3:.1f} ms ({dense_flops / t_dense / 1e9:.0f} GFLOP/s)")
-    print("| rank | FLOP ratio | speed-up | speed-up / FLOP ratio |\n|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['rank']} | {row['flop_ratio']:.2f} | {row['speedup']:.2f} | {row['speedup_over_flop_ratio']:.2f} |")
+    print(markdown_table([[str(r["rank"]), f"{r['flop_ratio']:.2f}", f"{r['speedup']:.2f}",
+                           f"{r['speedup_over_flop_ratio']:.2f}"] for r in rows],
+                         ["rank", "FLOP ratio", "speed-up", "speed-up / FLOP ratio"]), end="")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"tokens": args.tokens, "dense_seconds": t_dense, "rows": rows}, f, indent=1)

@@ -24,6 +24,7 @@ def main():
 
     from plrd_jax.io.load import load_model
     from plrd_jax.model import Decoder, count_params
+    from plrd_jax.report import markdown_table
     from plrd_jax.transforms import RankPlan
     from plrd_jax.transforms.plan import resolve_ranks
     from plrd_jax.transforms.sparse import sparse_plus_lowrank
@@ -36,11 +37,12 @@ def main():
     parent_s = median_seconds(forward(config), params, tokens, warmup=1)
     print(f"member: {count_params(member) / count_params(params):.1%} of the parent's parameters, "
           f"S at density {args.density}; 1 × {args.tokens} tokens, float32")
-    print("| S applied by | forward s | vs dense parent |\n|---|---|---|")
+    rows = []
     for method in ("gather", "auto", "scatter"):
         s = median_seconds(forward(member_config.replace(sparse_method=method)), member, tokens, warmup=1)
-        print(f"| {method} | {s:.3f} | {s / parent_s:.2f}× |")
-    print(f"| (dense parent) | {parent_s:.3f} | 1.00× |")
+        rows.append([method, f"{s:.3f}", f"{s / parent_s:.2f}×"])
+    rows.append(["(dense parent)", f"{parent_s:.3f}", "1.00×"])
+    print(markdown_table(rows, ["S applied by", "forward s", "vs dense parent"]), end="")
 
 
 if __name__ == "__main__":

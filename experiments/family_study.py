@@ -17,6 +17,8 @@ import argparse
 import csv
 import os
 
+from plrd_jax.report import markdown_table, write_csv
+
 
 def load(directory: str) -> tuple[list[dict], dict]:
     from plrd_jax.store import FamilyStore
@@ -71,15 +73,11 @@ def main(argv=None):
              f"{schedule['decomposition']} factors, {schedule['allocation']} ranks; healing text "
              f"{heal_spec['source']}, evaluation {eval_spec['source']} ({eval_spec['windows']} windows of "
              f"{eval_spec['seq_len']} tokens).",
-             "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+             "", markdown_table(rows, columns)]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(args.out + ".csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        writer.writerows([[c.replace(",", "") for c in row] for row in rows])
+        f.write("\n".join(lines))
+    write_csv(args.out + ".csv", rows, columns)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for k, (label, (results, _)) in enumerate(families.items()):
@@ -105,7 +103,7 @@ def main(argv=None):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out + ".png", dpi=120)
-    print("\n".join(lines))
+    print("\n".join(lines), end="")
     print(f"wrote {args.out}.md, .csv, .png")
 
 

@@ -37,38 +37,41 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from plrd_jax.data import load_dataset
-    from plrd_jax.pretrain import WindowBatches, load_tokenizer, model_config, pretrain, recipe
+    from plrd_jax.data import DataError, load_dataset
+    from plrd_jax.pretrain import PretrainError, WindowBatches, load_tokenizer, model_config, pretrain, recipe
+    from plrd_jax.report import markdown_table
     from plrd_jax.train import model_flops_per_token
 
-    tokenizer, vocab = load_tokenizer(args.tokenizer)
-    train = load_dataset("wikitext2-heal", tokenizer, args.seq_len)
-    evaluation = load_dataset("wikitext2-eval", tokenizer, args.seq_len, max_windows=args.eval_windows)
+    try:  # every preset, method and input checked before the first run
+        runs = [(preset, method, recipe(preset, method, steps=args.steps, batch_size=args.batch_size,
+                                        seq_len=args.seq_len, dtype=args.dtype))
+                for preset in args.presets.split(",") for method in args.methods.split(",")]
+        tokenizer, vocab = load_tokenizer(args.tokenizer)
+        train = load_dataset("wikitext2-heal", tokenizer, args.seq_len)
+        evaluation = load_dataset("wikitext2-eval", tokenizer, args.seq_len, max_windows=args.eval_windows)
+    except (PretrainError, DataError) as err:
+        raise SystemExit(f"error: {err}") from None
     rows = []
-    for preset in args.presets.split(","):
-        for method in args.methods.split(","):
-            rcp = recipe(preset, method, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                         dtype=args.dtype)
-            config = model_config(preset, rcp, vocab_size=vocab)
-            t0 = time.perf_counter()
-            _, r = pretrain(config, rcp, WindowBatches(train.windows, train.spec), evaluation.windows,
-                            eval_batch_size=32)
-            flops = model_flops_per_token(config, args.seq_len, training=True)
-            rows.append({"preset": preset, "method": method, "params": r.params, "steps": r.steps,
-                         "tokens": r.tokens, "tokens_per_s": r.tokens_per_s,
-                         "mfu": r.tokens_per_s * flops / (args.peak_tflops * 1e12),
-                         "peak_gib": r.memory["peak"] / 2**30, "first_loss": r.history[0]["loss"],
-                         "last_loss": r.history[-1]["loss"], "eval_ppl": r.eval_ppl,
-                         "wall_s": time.perf_counter() - t0})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    for preset, method, rcp in runs:
+        config = model_config(preset, rcp, vocab_size=vocab)
+        t0 = time.perf_counter()
+        _, r = pretrain(config, rcp, WindowBatches(train.windows, train.spec), evaluation.windows,
+                        eval_batch_size=32)
+        flops = model_flops_per_token(config, args.seq_len, training=True)
+        rows.append({"preset": preset, "method": method, "params": r.params, "steps": r.steps,
+                     "tokens": r.tokens, "tokens_per_s": r.tokens_per_s,
+                     "mfu": r.tokens_per_s * flops / (args.peak_tflops * 1e12),
+                     "peak_gib": r.memory["peak"] / 2**30, "first_loss": r.history[0]["loss"],
+                     "last_loss": r.history[-1]["loss"], "eval_ppl": r.eval_ppl,
+                     "wall_s": time.perf_counter() - t0})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     device = jax.devices()[0].device_kind
     print(f"{args.dtype}, {args.batch_size} × {args.seq_len} tokens per step, {args.steps} steps, on {device}")
-    print("| preset | method | params | tokens/s | MFU | peak GiB | loss first → last | val PPL |\n"
-          "|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['preset']} | {r['method']} | {r['params'] / 1e6:.1f}M | {r['tokens_per_s']:,.0f} | "
-              f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} | {r['first_loss']:.2f} → {r['last_loss']:.2f} | "
-              f"{r['eval_ppl']:.1f} |")
+    print(markdown_table([[r["preset"], r["method"], f"{r['params'] / 1e6:.1f}M", f"{r['tokens_per_s']:,.0f}",
+                           f"{100 * r['mfu']:.1f}%", f"{r['peak_gib']:.2f}",
+                           f"{r['first_loss']:.2f} → {r['last_loss']:.2f}", f"{r['eval_ppl']:.1f}"] for r in rows],
+                         ["preset", "method", "params", "tokens/s", "MFU", "peak GiB", "loss first → last",
+                          "val PPL"]), end="")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "dtype": args.dtype, "batch_size": args.batch_size, "seq_len": args.seq_len,

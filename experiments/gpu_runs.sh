@@ -9,6 +9,7 @@
 # so one failing part does not stop the others.
 set -u -o pipefail
 out=${1:?usage: gpu_runs.sh OUT_DIR TOKENIZER_DIR}; tokenizer=${2:?usage: gpu_runs.sh OUT_DIR TOKENIZER_DIR}
+[ -f "$tokenizer/tokenizer.json" ] || { echo "error: $tokenizer holds no tokenizer.json" >&2; exit 2; }
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"

@@ -91,18 +91,26 @@ class Attention(nn.Module):
         if cache is None and z_head is None and jax.default_backend() == "gpu" and q.dtype in HALF_DTYPES:
             # cuDNN's fused attention: the T × T scores never reach device memory
             out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
-                                               implementation="cudnn").reshape(B, T, H * hd)
-            return linear(c, f"{p}/o", c.hidden_size, "o")(out), cache
-        q = q.reshape(B, T, KV, H // KV, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)) / jnp.sqrt(hd).astype(q.dtype)
-        causal = k_pos[:, None, :] <= positions[:, :, None]  # (B, T, S)
-        scores = jnp.where(causal[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(c.jnp_dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(probs.dtype))
-        if z_head is not None:  # query head h = kv·(H/KV) + g
-            out = out * z_head.reshape(KV, H // KV, 1).astype(out.dtype)
-        out = out.reshape(B, T, H * hd)
-        return linear(c, f"{p}/o", c.hidden_size, "o")(out), cache
+                                               implementation="cudnn")
+        else:
+            out = masked_attention(q, k, v, positions, k_pos, z_head, c.jnp_dtype)
+        return linear(c, f"{p}/o", c.hidden_size, "o")(out.reshape(B, T, H * hd)), cache
+
+
+def masked_attention(q, k, v, positions, k_pos, z_head, dtype):
+    """Grouped-query attention of q (B, T, H, hd) over k, v (B, S, KV, hd), query t seeing key s where
+    k_pos[s] <= positions[t]; softmax in float32; each query head scaled by z_head (H,) if given."""
+    B, T, H, hd = q.shape
+    KV = k.shape[2]
+    q = q.reshape(B, T, KV, H // KV, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)) / jnp.sqrt(hd).astype(q.dtype)
+    causal = k_pos[:, None, :] <= positions[:, :, None]  # (B, T, S)
+    scores = jnp.where(causal[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(probs.dtype))
+    if z_head is not None:  # query head h = kv·(H/KV) + g
+        out = out * z_head.reshape(KV, H // KV, 1).astype(out.dtype)
+    return out
 
 
 class MLP(nn.Module):

@@ -232,6 +232,15 @@ class MemberWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
         self.store.close()
 
+    def commit_member(self, member: int, name: str, method: str, parent, config: ModelConfig, parent_count: int,
+                      **extra) -> dict[str, Any]:
+        """`commit` with the metadata of a member made from the HF checkpoint `parent` (untrained); returns it."""
+        metadata = {"member": member, "name": name, "method": method, "parent": str(parent),
+                    "config": config.to_dict(), "params": self.count, "compression": self.count / parent_count,
+                    "tokens": 0, "step": self.step, "final": True, **extra}
+        self.commit(metadata)
+        return metadata
+
 
 def _next_member(family_dir) -> tuple[int, int]:
     """(step, member index) for a new member appended to a (possibly new) family store."""
@@ -290,12 +299,8 @@ def factorize_streamed(hf_dir: str | os.PathLike, plan: RankPlan | Mapping[str, 
             del array
         if progress is not None:
             progress({"tensor": "/".join(keys), "layer": keys[0], "done": done, "total": len(layout)})
-    metadata = {"member": member, "name": name or f"streamed-{member}", "method": "plrd-streamed",
-                "parent": str(hf_dir), "config": new_config.to_dict(), "params": writer.count,
-                "compression": writer.count / parent_count, "tokens": 0, "step": writer.step, "final": True,
-                "ranks": ranks}
-    writer.commit(metadata)
-    return metadata
+    return writer.commit_member(member, name or f"streamed-{member}", "plrd-streamed", hf_dir, new_config,
+                                parent_count, ranks=ranks)
 
 
 def _restore_subtree(params_dir: Path, subtree) -> dict:
@@ -398,12 +403,8 @@ def prune_streamed(hf_dir: str | os.PathLike, masks: Mapping[str, Any], family_d
             progress({"tensor": "/".join(keys), "layer": keys[0], "done": done, "total": len(layout)})
     shape = {k: getattr(new_config, k) for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads",
                                                  "intermediate_size")}
-    metadata = {"member": member, "name": name or f"pruned-{member}", "method": "prune-streamed",
-                "parent": str(hf_dir), "config": new_config.to_dict(), "params": writer.count,
-                "compression": writer.count / parent_count, "tokens": 0, "step": writer.step, "final": True,
-                "shape": shape}
-    writer.commit(metadata)
-    return metadata
+    return writer.commit_member(member, name or f"pruned-{member}", "prune-streamed", hf_dir, new_config,
+                                parent_count, shape=shape)
 
 
 # ---- on the accelerator: the same transforms on device-resident, sharded params ------------------------------
