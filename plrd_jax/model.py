@@ -179,8 +179,9 @@ class Decoder(nn.Module):
                                                               layer_masks)
             new_cache.append(layer_cache)
         x = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="final_norm")(x, z_hidden)
-        if c.tie_embeddings:
-            logits = embed.attend(x)
+        if c.tie_embeddings:  # embed.attend(x), on (tokens, d) like every other matmul (see linears.Linear)
+            table = embed.embedding.astype(c.jnp_dtype)
+            logits = (x.reshape(-1, x.shape[-1]) @ table.T).reshape(*x.shape[:-1], c.vocab_size)
         else:
             logits = linear(c, "lm_head", c.vocab_size, "lm_head")(x)
         logits = logits.astype(jnp.float32)

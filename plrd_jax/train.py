@@ -38,8 +38,10 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array | None
     logits (B, T, V), tokens (B, T) int; mask (B, T) optional: weight of tokens[b, t] as a target
     (mask[:, 0] is unused).
     """
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), tokens[:, 1:])
-    return _mean_over_targets(ce, mask)
+    # CE at every position against the next token (the last one's target wraps around and is dropped after):
+    # slicing the (B, T, V) logits instead would cost a padded copy of their gradient.
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.roll(tokens, -1, axis=1))
+    return _mean_over_targets(ce[:, :-1], mask)
 
 
 def distill_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0,
@@ -48,10 +50,10 @@ def distill_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperatu
 
     Logits (B, T, V); the positions are those of `next_token_loss` (each predicts the next token).
     """
-    s = jax.nn.log_softmax(student_logits[:, :-1].astype(jnp.float32) / temperature, axis=-1)
-    t = jax.nn.log_softmax(teacher_logits[:, :-1].astype(jnp.float32) / temperature, axis=-1)
-    kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
-    return temperature ** 2 * _mean_over_targets(kl, mask)
+    s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)  # all positions, then the last dropped (see next_token_loss)
+    return temperature ** 2 * _mean_over_targets(kl[:, :-1], mask)
 
 
 # ---- optimizer ------------------------------------------------------------------------------------------
