@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import median_seconds
+from timing import round_robin_medians
 
 
 def main():
@@ -57,14 +56,10 @@ def main():
 
     theirs()
     ours(), theirs()
-    t_ours, t_theirs = [], []
-    for _ in range(args.repeats):  # alternate so both see the same machine state
-        t_ours.append(median_seconds(ours, repeats=1))
-        t_theirs.append(median_seconds(theirs, repeats=1))
+    seconds = round_robin_medians({"ours": ours, "theirs": theirs}, rounds=args.repeats)
     n = args.batch * args.seq_len
     result = {"model": args.model, "dtype": args.dtype, "batch": args.batch, "seq_len": args.seq_len,
-              "plrd_jax_tokens_per_s": n / statistics.median(t_ours),
-              "torch_tokens_per_s": n / statistics.median(t_theirs)}
+              "plrd_jax_tokens_per_s": n / seconds["ours"], "torch_tokens_per_s": n / seconds["theirs"]}
     result["ratio"] = result["plrd_jax_tokens_per_s"] / result["torch_tokens_per_s"]
     print(f"| {args.model} {args.dtype} {args.batch}×{args.seq_len} | plrd_jax {result['plrd_jax_tokens_per_s']:.0f} "
           f"tok/s | HF torch {result['torch_tokens_per_s']:.0f} tok/s | ratio {result['ratio']:.2f}× |")

@@ -10,8 +10,9 @@ On a GPU (e.g. an H100/H200 without the checkpoint at hand):
         --seq-len 1024 --steps 5 --peak-gflops 989000
 
 Heal: the same parent (embedded GGUF, dequantized), batch, length and optimizer (AdamW, clip 1.0), plain
-cross-entropy; median step time after one warm-up step. MFU = tokens/s · model FLOPs per token (6N + attention,
-`plrd_jax.train.model_flops_per_token`) / the machine's peak (--peak-gflops: measured float32 matmul peak of
+cross-entropy; each side in a process of its own (so neither runtime's idle worker threads take the cores
+during the other's step), the two taking turns for --steps rounds after a warm-up step each; median step time.
+MFU = tokens/s · model FLOPs per token (6N + attention, `plrd_jax.train.model_flops_per_token`) / the machine's peak (--peak-gflops: measured float32 matmul peak of
 this CPU, or the accelerator's dense bf16 peak). --config-json: random weights of that `ModelConfig` instead of
 the checkpoint (speed does not depend on the values). bfloat16: compute in bf16 with float32 master weights on
 both sides (torch: `autocast`); on a GPU torch runs on CUDA with its default SDPA attention.
@@ -24,13 +25,88 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import median_seconds
+from timing import process_round_robin, round_robin_medians
+
+
+def load_parent(args):
+    """(config, params) of the parent: the checkpoint (--model), or random weights of --config-json."""
+    from plrd_jax.config import ModelConfig
+    from plrd_jax.io.load import load_model
+    from plrd_jax.model import init_params
+
+    if args.config_json:
+        with open(args.config_json) as f:
+            config = ModelConfig.from_dict(json.load(f)).replace(param_dtype="float32", dtype="float32")
+        return config, init_params(config)
+    config, params, _ = load_model(args.model)
+    return config, params
+
+
+def plrd_jax_heal_step(args, tokens):
+    """One plrd_jax heal step (`make_heal_step`: AdamW, clip 1.0, cross-entropy) on tokens (1, B, T), as a
+    function, after a warm-up step."""
+    from plrd_jax.sharding import make_mesh, param_shardings
+    from plrd_jax.train import HealConfig, init_train_state, make_heal_step
+
+    config, params = load_parent(args)
+    mesh = make_mesh((1, -1, 1))
+    heal = HealConfig(lr=1e-5, warmup_steps=0, total_steps=100, dtype=args.dtype)
+    shardings = param_shardings(params, mesh)
+    step = make_heal_step(config, heal, mesh, shardings)
+    box = [init_train_state(params, heal, mesh, shardings)]
+
+    def run():
+        box[0], metrics = step(box[0], tokens, None)
+        jax.block_until_ready(metrics)
+
+    run()
+    return run
+
+
+def torch_heal_step(args, tokens):
+    """One HF transformers AdamW step (clip 1.0, its own cross-entropy) on tokens (1, B, T), as a function,
+    after a warm-up step. On a GPU float32 master weights and bf16 autocast (as ours); on the CPU weights in the
+    compute dtype."""
+    import contextlib
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from plrd_jax.io.hf import config_to_hf
+    from plrd_jax.io.load import embedded_path
+
+    torch.set_num_threads(os.cpu_count())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    weights_dtype = torch.float32 if device == "cuda" else dtype
+    if args.config_json:
+        config, _ = load_parent(args)
+        hf = LlamaForCausalLM(LlamaConfig(**config_to_hf(config))).to(device=device, dtype=weights_dtype).train()
+    else:
+        path = str(embedded_path(args.model))
+        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                  dtype=weights_dtype).to(device).train()
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
+    t_tokens = torch.from_numpy(tokens[0].astype(np.int64)).to(device)
+    autocast = (torch.autocast("cuda", dtype=dtype) if device == "cuda" and dtype != torch.float32
+                else contextlib.nullcontext())
+
+    def run():
+        with autocast:
+            loss = hf(t_tokens, labels=t_tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    run()
+    return run
 
 
 def main():
@@ -51,29 +127,33 @@ def main():
     ap.add_argument("--config-json", default=None, help="random weights of this ModelConfig JSON (speed only)")
     args = ap.parse_args()
 
-    from plrd_jax.config import ModelConfig
-    from plrd_jax.io.load import cast, embedded_path, load_model
-    from plrd_jax.model import Decoder, count_params, init_params
-    from plrd_jax.sharding import make_mesh, param_shardings
-    from plrd_jax.train import HealConfig, init_train_state, make_heal_step, model_flops_per_token
+    from plrd_jax.io.load import cast, load_model
+    from plrd_jax.model import Decoder, count_params
+    from plrd_jax.train import model_flops_per_token
     from plrd_jax.transforms import RankPlan, factorize
 
-    if args.config_json:
-        if not os.path.isfile(args.config_json):
-            raise SystemExit(f"error: --config-json {args.config_json}: no such file")
-        with open(args.config_json) as f:
-            config = ModelConfig.from_dict(json.load(f)).replace(param_dtype="float32", dtype="float32")
-        params = init_params(config)
-    else:
-        config, params, _ = load_model(args.model)
+    if args.config_json and not os.path.isfile(args.config_json):
+        raise SystemExit(f"error: --config-json {args.config_json}: no such file")
+    config, params = load_parent(args)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (1, args.batch, args.seq_len)).astype(np.int32)
     n_tokens = args.batch * args.seq_len
     out = {"model": args.config_json or args.model, "batch": args.batch, "seq_len": args.seq_len,
            "dtype": args.dtype, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
 
-    # Forward latency of members against their FLOP ratio (first: torch's idle OpenMP threads spin for a while
-    # after its last op and would slow whatever runs next).
+    # Heal steps first, while this process holds nothing but the parent (its threads stay idle).
+    steps = {"plrd_jax": (plrd_jax_heal_step, (args, tokens))}
+    if not args.skip_torch:
+        steps["torch"] = (torch_heal_step, (args, tokens))
+    seconds = process_round_robin(steps, rounds=args.steps)
+    flops = model_flops_per_token(config, args.seq_len, training=True)
+    for name, s in seconds.items():
+        out[f"{name}_heal_tokens_per_s"] = n_tokens / s
+        out[f"{name}_heal_mfu"] = n_tokens / s * flops / (args.peak_gflops * 1e9)
+    if "torch" in seconds:
+        out["heal_ratio"] = seconds["torch"] / seconds["plrd_jax"]
+
+    # Forward latency of members against their FLOP ratio.
     x = jnp.asarray(tokens[0])
     rows = []
     parent_flops = model_flops_per_token(config, args.seq_len, training=False)
@@ -105,14 +185,11 @@ def main():
         fwd = jax.jit(lambda p, t, cfg=cfg: Decoder(cfg).apply({"params": p}, t))
         fwd(p, x).block_until_ready()
         compiled.append((name, cfg, p, fwd))
-    times = {name: [] for name, *_ in compiled}
-    for _ in range(max(args.steps, 5)):  # round robin, so that a slow spell of the machine hits every member
-        for name, _, p, fwd in compiled:
-            t = time.perf_counter()
-            fwd(p, x).block_until_ready()
-            times[name].append(time.perf_counter() - t)
+    # round robin, so that a slow spell of the machine hits every member
+    seconds = round_robin_medians({name: (lambda p=p, fwd=fwd: fwd(p, x).block_until_ready())
+                                   for name, _, p, fwd in compiled}, rounds=max(args.steps, 5))
     for name, cfg, _, _ in compiled:
-        rows.append({"member": name, "seconds": statistics.median(times[name]),
+        rows.append({"member": name, "seconds": seconds[name],
                      "flop_ratio": parent_flops / model_flops_per_token(cfg, args.seq_len, training=False)})
     del compiled
     for r in rows:
@@ -120,67 +197,6 @@ def main():
         r["speedup_over_flop_ratio"] = r["speedup"] / r["flop_ratio"]
     out["members"] = rows
 
-
-    mesh = make_mesh((1, -1, 1))
-    heal = HealConfig(lr=1e-5, warmup_steps=0, total_steps=100, dtype=args.dtype)
-    shardings = param_shardings(params, mesh)
-    step = make_heal_step(config, heal, mesh, shardings)
-    state = init_train_state(jax.tree.map(jnp.copy, params), heal, mesh, shardings)
-    state, m = step(state, tokens, None)
-    jax.block_until_ready(m)
-    box = [state]
-
-    def ours():
-        box[0], metrics = step(box[0], tokens, None)
-        jax.block_until_ready(metrics)
-
-    t_ours = median_seconds(ours, repeats=args.steps)
-    flops = model_flops_per_token(config, args.seq_len, training=True)
-    out["plrd_jax_heal_tokens_per_s"] = n_tokens / t_ours
-    out["plrd_jax_heal_mfu"] = n_tokens / t_ours * flops / (args.peak_gflops * 1e9)
-    del box, state
-
-    if not args.skip_torch:
-        import contextlib
-
-        import torch
-        from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-        from plrd_jax.io.hf import config_to_hf
-
-        torch.set_num_threads(os.cpu_count())
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-        # On a GPU, float32 master weights and bf16 autocast (as ours); on the CPU, weights in the compute dtype.
-        weights_dtype = torch.float32 if device == "cuda" else dtype
-        if args.config_json:
-            hf_config = LlamaConfig(**config_to_hf(config))
-            hf = LlamaForCausalLM(hf_config).to(device=device, dtype=weights_dtype).train()
-        else:
-            path = str(embedded_path(args.model))
-            hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                      dtype=weights_dtype).to(device).train()
-        opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
-        t_tokens = torch.from_numpy(tokens[0].astype(np.int64)).to(device)
-        autocast = (torch.autocast("cuda", dtype=dtype) if device == "cuda" and dtype != torch.float32
-                    else contextlib.nullcontext())
-
-        def theirs():
-            with autocast:
-                loss = hf(t_tokens, labels=t_tokens).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-
-        theirs()
-        t_theirs = median_seconds(theirs, repeats=args.steps)
-        out["torch_heal_tokens_per_s"] = n_tokens / t_theirs
-        out["torch_heal_mfu"] = n_tokens / t_theirs * flops / (args.peak_gflops * 1e9)
-        out["heal_ratio"] = out["plrd_jax_heal_tokens_per_s"] / out["torch_heal_tokens_per_s"]
-        del hf, opt
 
     print(f"heal step {args.batch}×{args.seq_len} {args.dtype}: plrd_jax {out['plrd_jax_heal_tokens_per_s']:.0f} tok/s "
           f"(MFU {100 * out['plrd_jax_heal_mfu']:.0f}% of {args.peak_gflops:.0f} GFLOP/s)"
