@@ -34,7 +34,7 @@ from plrd_jax.calibrate import calibrate
 from plrd_jax.config import ModelConfig
 from plrd_jax.evaluate import perplexity
 from plrd_jax.model import count_params
-from plrd_jax.sharding import make_mesh, param_shardings
+from plrd_jax.sharding import make_mesh, param_shardings, replicated
 from plrd_jax.store import FamilyStore, StoreError, abstract_params
 from plrd_jax.train import HealConfig, init_train_state, make_heal_step
 from plrd_jax.transforms.allocate import compress
@@ -180,6 +180,10 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
         else:
             source_config, source_params = (prev_config, prev_params) if schedule.progressive else (
                 parent_config, parent_params)
+            if jax.process_count() > 1:
+                # Replicated in one program first: the transforms' op-by-op programs then need no collectives,
+                # whose order two processes could otherwise interleave differently (and deadlock).
+                source_params = jax.jit(lambda p: p, out_shardings=replicated(mesh))(source_params)
             plan = dataclasses.replace(stage.plan(parent_count, schedule.matrices, schedule.multiple_of),
                                        decomposition=schedule.decomposition)
             stats = None
