@@ -17,6 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from timing import round_robin_medians
 
+# Both run in turns in this process: torch's OpenMP workers would otherwise spin after each of its ops and take
+# the cores from plrd_jax's turn. Set before torch is imported; sleeping workers did not slow torch here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)

@@ -1,16 +1,10 @@
 """The benchmark scripts' timing helpers."""
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
 import jax
-
-# Benchmarks that time torch and plrd_jax in turns in one process: torch's OpenMP workers would otherwise spin
-# after each of its ops and take the cores from plrd_jax's turn (its heal step ran 35 % slower). Set before torch
-# is imported; sleeping workers did not slow torch here.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def median_seconds(fn, *args, repeats: int = 5, warmup: int = 0) -> float:
@@ -59,21 +53,29 @@ def process_round_robin(factories: dict, rounds: int) -> dict:
 
     ctx = multiprocessing.get_context("spawn")
     workers = {}
+
+    def reply(name):
+        try:
+            return workers[name][1].recv()
+        except EOFError:  # the worker died (its traceback is on stderr)
+            raise RuntimeError(f"benchmark worker {name!r} failed") from None
+
     try:
         for name, (factory, args) in factories.items():  # built one after another: compilation has the cores
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_serve_steps, args=(child, factory, args), daemon=True)
             proc.start()
-            if parent.recv() != "ready":
-                raise RuntimeError(f"benchmark worker {name!r} did not start")
+            child.close()  # only the worker holds its end, so its death ends our recv
             workers[name] = (proc, parent)
+            reply(name)
         times = {name: [] for name in factories}
         for _ in range(rounds):
             for name, (_, conn) in workers.items():
                 conn.send("run")
-                times[name].append(conn.recv())
+                times[name].append(reply(name))
         return {name: statistics.median(t) for name, t in times.items()}
     finally:
         for proc, conn in workers.values():
-            conn.send("stop")
+            if proc.is_alive():
+                conn.send("stop")
             proc.join(timeout=60)
