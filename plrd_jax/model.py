@@ -49,15 +49,20 @@ class RMSNorm(nn.Module):
         return scale.astype(x.dtype) * h.astype(x.dtype) * z_hidden.astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, HF "rotate half" layout. x: (B, T, heads, hd), positions: (B, T)."""
-    hd = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of the rotary angles, (B, T, 1, head_dim) each, HF "rotate half" layout. Computed once per
+    forward and shared by every layer: computed inside each layer, XLA fused the cos and sin into every rotated
+    element (1.5 ms of each layer's 4 × 256 forward on a CPU)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, hd/2)
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding of x (B, T, heads, hd) by the tables of `rotary_tables`."""
     x1, x2 = jnp.split(x, 2, axis=-1)
-    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    return x * cos.astype(x.dtype) + jnp.concatenate([-x2, x1], axis=-1) * sin.astype(x.dtype)
 
 
 def linear(config: ModelConfig, path: str, features: int, name: str, use_bias: bool = False) -> Linear:
@@ -73,14 +78,14 @@ class Attention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, cache: dict | None = None, z_head=None):
+    def __call__(self, x, positions, rotary, cache: dict | None = None, z_head=None):
         c, p = self.config, f"layers_{self.layer}/attn"
         B, T, _ = x.shape
         H, KV, hd = c.num_heads, c.num_kv_heads, c.head_dim_
         q = linear(c, f"{p}/q", H * hd, "q", c.qkv_bias)(x).reshape(B, T, H, hd)
         k = linear(c, f"{p}/k", KV * hd, "k", c.qkv_bias)(x).reshape(B, T, KV, hd)
         v = linear(c, f"{p}/v", KV * hd, "v", c.qkv_bias)(x).reshape(B, T, KV, hd)
-        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        q, k = rope(q, *rotary), rope(k, *rotary)
         k_pos = positions
         if cache is not None:  # write this chunk at its positions, attend over the whole cache
             start = positions[0, 0]
@@ -93,29 +98,53 @@ class Attention(nn.Module):
             out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
                                                implementation="cudnn")
         else:
-            out = masked_attention(q, k, v, positions, k_pos, z_head, c.jnp_dtype)
+            # without a cache, q and k are the same tokens in order: key blocks after a query block are skipped
+            blocks = 1 if cache is not None else causal_blocks(T)
+            out = masked_attention(q, k, v, positions, k_pos, z_head, c.jnp_dtype, blocks)
         return linear(c, f"{p}/o", c.hidden_size, "o")(out.reshape(B, T, H * hd)), cache
 
 
-def masked_attention(q, k, v, positions, k_pos, z_head, dtype):
+def causal_blocks(length: int, min_block: int = 64, max_blocks: int = 8) -> int:
+    """How many query blocks `masked_attention` splits a causal sequence of `length` into: blocks of at least
+    `min_block` queries (smaller products run far below a CPU's matmul rate), at most `max_blocks` (HLO size)."""
+    for n in range(max_blocks, 1, -1):
+        if length % n == 0 and length // n >= min_block:
+            return n
+    return 1
+
+
+def masked_attention(q, k, v, positions, k_pos, z_head, dtype, blocks: int = 1):
     """Grouped-query attention of q (B, T, H, hd) over k, v (B, S, KV, hd), query t seeing key s where
     k_pos[s] <= positions[t]; softmax in float32; each query head scaled by z_head (H,) if given.
 
     Returns (B, T, KV, H/KV, hd). Heads go first and each kv head's H/KV query heads are stacked along the query
     axis, so both products are plain (G·T × hd) · (hd × S) matmuls batched over (B, KV): on a CPU this runs the
     attention core about 1.7× faster than batching over the query groups as well.
+
+    blocks > 1 splits the queries into that many equal blocks, block i attending to the first (i + 1)·T/blocks
+    keys only. That is exact when no query sees a later key (q and k the same sequence with increasing positions,
+    as without a cache) and skips the fully masked products: 4 blocks of a 4 × 256 sequence do 10/16 of the work
+    and run the attention core 1.45× faster on a CPU.
     """
     B, T, H, hd = q.shape
     KV = k.shape[2]
     G = H // KV
-    q = q.reshape(B, T, KV, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, hd)  # rows: g-major, then t
+    if blocks > 1 and (T % blocks or k.shape[1] != T):
+        raise ValueError(f"{blocks} causal blocks need T = S divisible by them; got T={T}, S={k.shape[1]}")
+    q = q.reshape(B, T, KV, G, hd).transpose(0, 2, 3, 1, 4)  # (B, KV, G, T, hd)
     k, v = (a.astype(q.dtype).transpose(0, 2, 1, 3) for a in (k, v))  # (B, KV, S, hd)
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k) / jnp.sqrt(hd).astype(q.dtype)
-    causal = jnp.tile(k_pos[:, None, :] <= positions[:, :, None], (1, G, 1))  # (B, G·T, S)
-    scores = jnp.where(causal[:, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(probs.dtype))
-    out = out.reshape(B, KV, G, T, hd).transpose(0, 3, 1, 2, 4)
+    n = T // blocks
+    outs = []
+    for i in range(blocks):
+        queries, seen = slice(i * n, (i + 1) * n), slice(0, (i + 1) * n if blocks > 1 else k.shape[2])
+        qi = q[:, :, :, queries].reshape(B, KV, G * n, hd)  # rows: g-major, then t
+        scores = jnp.einsum("bkqd,bksd->bkqs", qi, k[:, :, seen]) / jnp.sqrt(hd).astype(q.dtype)
+        causal = jnp.tile(k_pos[:, None, seen] <= positions[:, queries, None], (1, G, 1))  # (B, G·n, S_i)
+        scores = jnp.where(causal[:, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        outs.append(jnp.einsum("bkqs,bksd->bkqd", probs, v[:, :, seen].astype(probs.dtype)).reshape(B, KV, G, n, hd))
+    out = outs[0] if blocks == 1 else jnp.concatenate(outs, axis=3)
+    out = out.transpose(0, 3, 1, 2, 4)
     if z_head is not None:  # query head h = kv·G + g
         out = out * z_head.reshape(KV, G, 1).astype(out.dtype)
     return out
@@ -142,11 +171,11 @@ class Block(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, cache=None, masks=None):
+    def __call__(self, x, positions, rotary, cache=None, masks=None):
         c = self.config
         if masks is None:
             h, cache = Attention(c, self.layer, name="attn")(
-                RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="attn_norm")(x), positions, cache)
+                RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="attn_norm")(x), positions, rotary, cache)
             x = x + h
             x = x + MLP(c, self.layer, name="mlp")(RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="mlp_norm")(x))
             return x, cache
@@ -155,7 +184,7 @@ class Block(nn.Module):
         for z in (masks.get("z_layer"), z_hidden):
             out_scale = out_scale if z is None else out_scale * z.astype(x.dtype)
         h, cache = Attention(c, self.layer, name="attn")(
-            RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="attn_norm")(x, z_hidden), positions, cache,
+            RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="attn_norm")(x, z_hidden), positions, rotary, cache,
             masks.get("z_head"))
         x = x + h * out_scale
         h = MLP(c, self.layer, name="mlp")(
@@ -164,7 +193,10 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    """tokens (B, T) -> logits (B, T, vocab) in float32; with a cache also returns the updated cache."""
+    """tokens (B, T) -> logits (B, T, vocab) in float32; with a cache also returns the updated cache.
+
+    positions (B, T), default 0..T-1, must increase along T: without a cache, attention treats the tokens as one
+    causal sequence (see `masked_attention`'s blocks)."""
 
     config: ModelConfig
 
@@ -179,12 +211,13 @@ class Decoder(nn.Module):
         z_hidden = None if masks is None else masks.get("z_hidden")
         if z_hidden is not None:
             x = x * z_hidden.astype(x.dtype)
+        rotary = rotary_tables(positions, c.head_dim_, c.rope_theta)
         new_cache = []
         block = Block if c.remat == "none" else nn.remat(Block, policy=remat_policy(c.remat))
         for i in range(c.num_layers):
             layer_masks = None if masks is None else _layer_masks(masks, i)
-            x, layer_cache = block(c, i, name=f"layers_{i}")(x, positions, None if cache is None else cache[i],
-                                                              layer_masks)
+            x, layer_cache = block(c, i, name=f"layers_{i}")(x, positions, rotary,
+                                                              None if cache is None else cache[i], layer_masks)
             new_cache.append(layer_cache)
         x = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="final_norm")(x, z_hidden)
         if c.tie_embeddings:  # embed.attend(x), on (tokens, d) like every other matmul (see linears.Linear)

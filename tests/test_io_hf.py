@@ -64,6 +64,15 @@ def test_llama_logits_match_transformers(tmp_path, case):
     assert_close_logits(our_logits(config, params), hf_logits(model))
 
 
+def test_long_sequence_logits_match_transformers(tmp_path):
+    """256 tokens: attention skips the fully masked key blocks of 4 query blocks (model.causal_blocks)."""
+    model = hf_llama(**LLAMA_CASES["gqa-untied"], max_position_embeddings=256)
+    model.save_pretrained(tmp_path)
+    config, params = load_hf(tmp_path)
+    tokens = np.random.default_rng(0).integers(0, 64, (2, 256))
+    assert_close_logits(our_logits(config, params, tokens), hf_logits(model, tokens))
+
+
 def test_sharded_checkpoint(tmp_path):
     model = hf_llama(**LLAMA_CASES["gqa-untied"])
     model.save_pretrained(tmp_path, max_shard_size="20KB")
