@@ -12,13 +12,14 @@ On a GPU (e.g. an H100/H200 without the checkpoint at hand):
 Heal: the same parent (embedded GGUF, dequantized), batch, length and optimizer (AdamW, clip 1.0), plain
 cross-entropy; each side in a process of its own (so neither runtime's idle worker threads take the cores
 during the other's step), the two taking turns for --steps rounds after a warm-up step each; median step time.
-MFU = tokens/s · model FLOPs per token (6N + attention, `plrd_jax.train.model_flops_per_token`) / the machine's peak (--peak-gflops: measured float32 matmul peak of
-this CPU, or the accelerator's dense bf16 peak). --config-json: random weights of that `ModelConfig` instead of
+MFU = tokens/s · model FLOPs per token (6N + attention, `plrd_jax.train.model_flops_per_token`) / the machine's
+peak (--peak-gflops: measured float32 matmul peak of this CPU, or the accelerator's dense bf16 peak). --config-json: random weights of that `ModelConfig` instead of
 the checkpoint (speed does not depend on the values). bfloat16: compute in bf16 with float32 master weights on
 both sides (torch: `autocast`); on a GPU torch runs on CUDA with its default SDPA attention.
 Members: those of --family DIR (e.g. the main job's), or uniform rank = fraction · 576 on every attention and
-MLP matrix (k/v only where it saves); forward of batch×seq_len tokens, median of ≥ 5 rounds in which the models
-take turns; "FLOP ratio" = parent forward FLOPs / member forward FLOPs.
+MLP matrix (k/v only where it saves); forward of batch×seq_len tokens, and per-token latency of greedy decoding
+(batch 1, the last positions of a seq_len KV cache), medians of ≥ 5 rounds in which the models take turns;
+"FLOP ratio" = parent forward FLOPs / member forward FLOPs per token (the same for both).
 """
 from __future__ import annotations
 
@@ -30,6 +31,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from timing import process_round_robin, round_robin_medians
+
+
+DECODE_STEPS = 16  # per timed call of the decode latency
+
+
+def decode_steps(config, params, cache_len: int, steps: int):
+    """Argument-less: `steps` greedy generation steps (`plrd_jax.generate.decode_step`, batch 1) at the last
+    positions of a KV cache of `cache_len`, waited for."""
+    from plrd_jax.generate import decode_step
+    from plrd_jax.model import init_cache
+
+    state = {"token": jnp.zeros((1,), jnp.int32), "cache": init_cache(config, 1, cache_len)}
+    key = jax.random.key(0)
+
+    def run():
+        for position in range(cache_len - steps, cache_len):
+            state["token"], state["cache"] = decode_step(config, params, state["token"], position, state["cache"],
+                                                         key, 0.0)
+        jax.block_until_ready(state["token"])
+    return run
 
 
 def load_parent(args):
@@ -184,17 +205,22 @@ def main():
             cfg, p = cast(cfg, p, args.dtype)
         fwd = jax.jit(lambda p, t, cfg=cfg: Decoder(cfg).apply({"params": p}, t))
         fwd(p, x).block_until_ready()
-        compiled.append((name, cfg, p, fwd))
+        decode = decode_steps(cfg, p, args.seq_len, DECODE_STEPS)
+        decode()
+        compiled.append((name, cfg, p, fwd, decode))
     # round robin, so that a slow spell of the machine hits every member
+    rounds = max(args.steps, 5)
     seconds = round_robin_medians({name: (lambda p=p, fwd=fwd: fwd(p, x).block_until_ready())
-                                   for name, _, p, fwd in compiled}, rounds=max(args.steps, 5))
-    for name, cfg, _, _ in compiled:
-        rows.append({"member": name, "seconds": seconds[name],
+                                   for name, _, p, fwd, _ in compiled}, rounds)
+    decode_seconds = round_robin_medians({name: decode for name, *_, decode in compiled}, rounds)
+    for name, cfg, *_ in compiled:
+        rows.append({"member": name, "seconds": seconds[name], "decode_seconds": decode_seconds[name] / DECODE_STEPS,
                      "flop_ratio": parent_flops / model_flops_per_token(cfg, args.seq_len, training=False)})
     del compiled
     for r in rows:
         r["speedup"] = rows[0]["seconds"] / r["seconds"]
         r["speedup_over_flop_ratio"] = r["speedup"] / r["flop_ratio"]
+        r["decode_speedup_over_flop_ratio"] = rows[0]["decode_seconds"] / r["decode_seconds"] / r["flop_ratio"]
     out["members"] = rows
 
 
@@ -202,10 +228,12 @@ def main():
           f"(MFU {100 * out['plrd_jax_heal_mfu']:.0f}% of {args.peak_gflops:.0f} GFLOP/s)"
           + (f", HF torch {out['torch_heal_tokens_per_s']:.0f} tok/s, ratio {out['heal_ratio']:.2f}×"
              if "heal_ratio" in out else "") + f" on {out['device']}")
-    print("| member | forward s | speed-up | FLOP ratio | speed-up / FLOP ratio |\n|---|---|---|---|---|")
+    print("| member | forward s | speed-up | FLOP ratio | speed-up / FLOP ratio | decode ms/token | decode speed-up / "
+          "FLOP ratio |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['member']} | {r['seconds']:.3f} | {r['speedup']:.2f} | {r['flop_ratio']:.2f} | "
-              f"{r['speedup_over_flop_ratio']:.2f} |")
+              f"{r['speedup_over_flop_ratio']:.2f} | {1e3 * r['decode_seconds']:.1f} | "
+              f"{r['decode_speedup_over_flop_ratio']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

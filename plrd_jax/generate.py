@@ -26,7 +26,9 @@ def _prefill(config, params, prompt, cache, key, temperature):
 
 
 @partial(jax.jit, static_argnames=("config", "temperature"), donate_argnames=("cache",))
-def _decode_step(config, params, token, position, cache, key, temperature):
+def decode_step(config, params, token, position, cache, key, temperature):
+    """One new token per sequence: token (B,) at `position` through the model, its k and v written into the
+    cache (donated), the next token picked; returns (next token (B,), cache)."""
     positions = jnp.full((token.shape[0], 1), position)
     logits, cache = Decoder(config).apply({"params": params}, token[:, None], positions=positions, cache=cache)
     return _pick(logits[:, -1], key, temperature), cache
@@ -51,4 +53,4 @@ def generate(config: ModelConfig, params, prompt: list[int], max_new_tokens: int
         if t == stop_token or position == total - 1:
             return
         key, sub = jax.random.split(key)
-        token, cache = _decode_step(config, params, token, position, cache, sub, temperature)
+        token, cache = decode_step(config, params, token, position, cache, sub, temperature)
