@@ -13,8 +13,8 @@ Heal: the same parent (embedded GGUF, dequantized), batch, length and optimizer 
 cross-entropy; each side in a process of its own (so neither runtime's idle worker threads take the cores
 during the other's step), the two taking turns for --steps rounds after a warm-up step each; median step time.
 MFU = tokens/s · model FLOPs per token (6N + attention, `plrd_jax.train.model_flops_per_token`) / the machine's
-peak (--peak-gflops: measured float32 matmul peak of this CPU, or the accelerator's dense bf16 peak). --config-json: random weights of that `ModelConfig` instead of
-the checkpoint (speed does not depend on the values). bfloat16: compute in bf16 with float32 master weights on
+peak (--peak-gflops: measured float32 matmul peak of this CPU, or the accelerator's dense bf16 peak).
+--config-json: random weights of that `ModelConfig` instead of the checkpoint (speed does not depend on the values). bfloat16: compute in bf16 with float32 master weights on
 both sides (torch: `autocast`); on a GPU torch runs on CUDA with its default SDPA attention.
 Members: those of --family DIR (e.g. the main job's), or uniform rank = fraction · 576 on every attention and
 MLP matrix (k/v only where it saves); forward of batch×seq_len tokens, and per-token latency of greedy decoding
@@ -155,6 +155,8 @@ def main():
 
     if args.config_json and not os.path.isfile(args.config_json):
         raise SystemExit(f"error: --config-json {args.config_json}: no such file")
+    if args.seq_len < DECODE_STEPS:
+        raise SystemExit(f"error: --seq-len {args.seq_len}: the decode latency needs at least {DECODE_STEPS} positions")
     config, params = load_parent(args)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (1, args.batch, args.seq_len)).astype(np.int32)
