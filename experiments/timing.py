@@ -42,13 +42,14 @@ def _serve_steps(conn, factory, args):
         conn.send(time.perf_counter() - start)
 
 
-def process_round_robin(factories: dict, rounds: int) -> dict:
+def process_round_robin(factories: dict, rounds: int, pause: float = 1.0) -> dict:
     """{name: median wall time} of steps that each live in a process of their own and take turns, one call per
     round. factories: {name: (factory, args)}, where the picklable `factory(*args)` builds the step (after its
     warm-up) and returns it as an argument-less function that waits for its own result.
 
     Separate processes keep one runtime's idle worker threads (XLA's and torch's pools both spin for a while
-    after their work) from taking the cores from the other's turn."""
+    after their work) from taking the cores from the other's turn, and each turn starts `pause` seconds after
+    the previous one ended, when those threads have gone to sleep."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
@@ -71,6 +72,7 @@ def process_round_robin(factories: dict, rounds: int) -> dict:
         times = {name: [] for name in factories}
         for _ in range(rounds):
             for name, (_, conn) in workers.items():
+                time.sleep(pause)
                 conn.send("run")
                 times[name].append(reply(name))
         return {name: statistics.median(t) for name, t in times.items()}
