@@ -65,7 +65,7 @@ def rope(x: jax.Array, cos: jax.Array, signed_sin: jax.Array) -> jax.Array:
     """Rotary embedding of x (B, T, heads, hd) by the tables of `rotary_tables`: x·cos + (x2, x1)·(-sin, sin).
     The halves are swapped by reversing a (2, hd/2) axis rather than by concatenating them: XLA:CPU fuses the
     rotation into the attention's head-first transposes and block slices, and a fused concatenate (a per-element
-    select) ran them ~1.3× slower."""
+    select) made those copies several times slower (1.2–1.5 ms of each layer's 4 × 256 forward)."""
     swapped = jnp.flip(x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2), axis=-2).reshape(x.shape)
     return x * cos.astype(x.dtype) + swapped * signed_sin.astype(x.dtype)
 
