@@ -14,8 +14,9 @@ cross-entropy; each side in a process of its own (so neither runtime's idle work
 during the other's step), the two taking turns for --steps rounds after a warm-up step each; median step time.
 MFU = tokens/s · model FLOPs per token (6N + attention, `plrd_jax.train.model_flops_per_token`) / the machine's
 peak (--peak-gflops: measured float32 matmul peak of this CPU, or the accelerator's dense bf16 peak).
---config-json: random weights of that `ModelConfig` instead of the checkpoint (speed does not depend on the values). bfloat16: compute in bf16 with float32 master weights on
-both sides (torch: `autocast`); on a GPU torch runs on CUDA with its default SDPA attention.
+--config-json: random weights of that `ModelConfig` instead of the checkpoint (speed does not depend on the
+values). bfloat16: compute in bf16 with float32 master weights on both sides (torch: `autocast`); on a GPU torch
+runs on CUDA with its default SDPA attention.
 Members: those of --family DIR (e.g. the main job's), or uniform rank = fraction · 576 on every attention and
 MLP matrix (k/v only where it saves); forward of batch×seq_len tokens, and per-token latency of greedy decoding
 (batch 1, the last positions of a seq_len KV cache), medians of ≥ 5 rounds in which the models take turns;
