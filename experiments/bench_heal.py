@@ -158,6 +158,14 @@ def main():
         raise SystemExit(f"error: --config-json {args.config_json}: no such file")
     if args.seq_len < DECODE_STEPS:
         raise SystemExit(f"error: --seq-len {args.seq_len}: the decode latency needs at least {DECODE_STEPS} positions")
+    if args.family:  # checked before the minutes of heal steps
+        from plrd_jax.store import FamilyStore, StoreError
+
+        try:
+            if not FamilyStore(args.family, read_only=True).members():
+                raise StoreError(f"family directory {args.family} holds no members")
+        except StoreError as e:
+            raise SystemExit(f"error: --family: {e}") from None
     config, params = load_parent(args)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (1, args.batch, args.seq_len)).astype(np.int32)
