@@ -4,7 +4,8 @@
 
 Both load the embedded parent's GGUF; both run the whole forward (logits included) on the same token batch,
 alternating, after warm-up; tokens/s is batch·seq_len / median time. torch gets as many threads as XLA's CPU
-client uses (all cores).
+client uses (all cores). The script restarts itself once with glibc malloc keeping freed memory
+(`timing.KEEP_FREED_MEMORY`); run it with GLIBC_TUNABLES= to time with glibc's defaults.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import round_robin_medians
+from timing import keep_freed_memory, round_robin_medians
 
 # Both run in turns in this process: torch's OpenMP workers would otherwise spin after each of its ops and take
 # the cores from plrd_jax's turn. Set before torch is imported; sleeping workers did not slow torch here.
@@ -31,6 +32,7 @@ def main():
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args()
+    keep_freed_memory()  # restarts this script once, with malloc keeping freed memory (see timing.py)
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -63,6 +65,7 @@ def main():
     seconds = round_robin_medians({"ours": ours, "theirs": theirs}, rounds=args.repeats)
     n = args.batch * args.seq_len
     result = {"model": args.model, "dtype": args.dtype, "batch": args.batch, "seq_len": args.seq_len,
+              "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
               "plrd_jax_tokens_per_s": n / seconds["ours"], "torch_tokens_per_s": n / seconds["theirs"]}
     result["ratio"] = result["plrd_jax_tokens_per_s"] / result["torch_tokens_per_s"]
     print(f"| {args.model} {args.dtype} {args.batch}×{args.seq_len} | plrd_jax {result['plrd_jax_tokens_per_s']:.0f} "

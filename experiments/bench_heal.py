@@ -21,6 +21,8 @@ Members: those of --family DIR (e.g. the main job's), or uniform rank = fraction
 MLP matrix (k/v only where it saves); forward of batch×seq_len tokens, and per-token latency of greedy decoding
 (batch 1, the last positions of a seq_len KV cache), medians of ≥ 5 rounds in which the models take turns;
 "FLOP ratio" = parent forward FLOPs / member forward FLOPs per token (the same for both).
+The script restarts itself once with glibc malloc keeping freed memory (`timing.KEEP_FREED_MEMORY`, for it and
+its workers); run it with GLIBC_TUNABLES= to time with glibc's defaults.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import process_round_robin, round_robin_medians
+from timing import keep_freed_memory, process_round_robin, round_robin_medians
 
 
 DECODE_STEPS = 16  # per timed call of the decode latency
@@ -145,9 +147,12 @@ def main():
     ap.add_argument("--multiple-of", default="1", help="with --budgets: round ranks to a multiple of each of these")
     ap.add_argument("--peak-gflops", type=float, default=165.0)
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--also-default-malloc", action="store_true",
+                    help="also time each heal step with glibc's default malloc, in the same round robin")
     ap.add_argument("--json", default=None)
     ap.add_argument("--config-json", default=None, help="random weights of this ModelConfig JSON (speed only)")
     args = ap.parse_args()
+    keep_freed_memory()  # restarts this script once, with malloc keeping freed memory (see timing.py)
 
     from plrd_jax.io.load import cast, load_model
     from plrd_jax.model import Decoder, count_params
@@ -171,19 +176,25 @@ def main():
     tokens = rng.integers(0, config.vocab_size, (1, args.batch, args.seq_len)).astype(np.int32)
     n_tokens = args.batch * args.seq_len
     out = {"model": args.config_json or args.model, "batch": args.batch, "seq_len": args.seq_len,
-           "dtype": args.dtype, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
+           "dtype": args.dtype, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+           "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
     # Heal steps first, while this process holds nothing but the parent (its threads stay idle).
     steps = {"plrd_jax": (plrd_jax_heal_step, (args, tokens))}
     if not args.skip_torch:
         steps["torch"] = (torch_heal_step, (args, tokens))
-    seconds = process_round_robin(steps, rounds=args.steps)
+    if args.also_default_malloc:
+        steps.update({f"{name}_default_malloc": (*step, "") for name, step in list(steps.items())})
+    heal = process_round_robin(steps, rounds=args.steps)
     flops = model_flops_per_token(config, args.seq_len, training=True)
-    for name, s in seconds.items():
+    for name, (s, faults) in heal.items():
         out[f"{name}_heal_tokens_per_s"] = n_tokens / s
         out[f"{name}_heal_mfu"] = n_tokens / s * flops / (args.peak_gflops * 1e9)
-    if "torch" in seconds:
-        out["heal_ratio"] = seconds["torch"] / seconds["plrd_jax"]
+        out[f"{name}_heal_page_faults_per_step"] = int(faults)
+    if "torch" in heal:
+        out["heal_ratio"] = heal["torch"][0] / heal["plrd_jax"][0]
+    if "torch_default_malloc" in heal:
+        out["heal_ratio_default_malloc"] = heal["torch_default_malloc"][0] / heal["plrd_jax_default_malloc"][0]
 
     # Forward latency of members against their FLOP ratio.
     x = jnp.asarray(tokens[0])
@@ -239,6 +250,11 @@ def main():
           f"(MFU {100 * out['plrd_jax_heal_mfu']:.0f}% of {args.peak_gflops:.0f} GFLOP/s)"
           + (f", HF torch {out['torch_heal_tokens_per_s']:.0f} tok/s, ratio {out['heal_ratio']:.2f}×"
              if "heal_ratio" in out else "") + f" on {out['device']}")
+    for name in heal:
+        print(f"  {name}: {out[f'{name}_heal_tokens_per_s']:.0f} tok/s, "
+              f"{out[f'{name}_heal_page_faults_per_step']} page faults per step")
+    if "heal_ratio_default_malloc" in out:
+        print(f"  ratio with glibc's default malloc: {out['heal_ratio_default_malloc']:.2f}×")
     print("| member | forward s | speed-up | FLOP ratio | speed-up / FLOP ratio | decode ms/token | decode speed-up / "
           "FLOP ratio |\n|---|---|---|---|---|---|---|")
     for r in rows:
