@@ -21,6 +21,5 @@ def fresh_buffer_step():
 def test_kept_freed_memory_is_not_faulted_in_again():
     result = timing.process_round_robin({"kept": (fresh_buffer_step, (), timing.KEEP_FREED_MEMORY),
                                          "default": (fresh_buffer_step, (), "")}, rounds=3, pause=0.0)
-    pages = BUFFER_BYTES // 4096
-    assert result["default"][1] >= 0.9 * pages  # mapped anew and faulted in at every call
-    assert result["kept"][1] < 0.05 * pages  # the heap's block from the first call is reused
+    assert result["default"][1] >= BUFFER_BYTES // (2 << 20)  # mapped anew at every call (≥ 1 fault per 2 MB)
+    assert result["kept"][1] * 10 < result["default"][1]  # the heap's block from the first call is reused
