@@ -13,7 +13,7 @@ import jax
 # 64 MB). A virtual machine with free page reporting (this one: `page_reporting.page_reporting_order=11` in
 # /proc/cmdline) hands pages freed to the kernel back to its host, and touching them again costs up to 8 µs a
 # page, against about 0.5 µs for a page the kernel kept. Without these settings a heal step frees and touches
-# again 1.3-2.4 GB of buffers and a forward its 200 MB of logits, and their times depend on what the host did
+# again 1.4-2.4 GB of buffers and a forward its 200 MB of logits, and their times depend on what the host did
 # in between.
 KEEP_FREED_MEMORY = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
 
@@ -22,7 +22,7 @@ def keep_freed_memory() -> None:
     """Restart this script once with GLIBC_TUNABLES=KEEP_FREED_MEMORY (read only at start-up), for it and the
     workers it spawns. Call it first thing in main(). Does nothing off Linux or when GLIBC_TUNABLES is already
     set: set it to '' to time with glibc's defaults."""
-    if sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ:
+    if sys.platform == "linux" and sys.executable and "GLIBC_TUNABLES" not in os.environ:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
                   {**os.environ, "GLIBC_TUNABLES": KEEP_FREED_MEMORY})
 
@@ -78,6 +78,7 @@ def process_round_robin(factories: dict, rounds: int, pause: float = 1.0) -> dic
     after their work) from taking the cores from the other's turn, and each turn starts `pause` seconds after
     the previous one ended, when those threads have gone to sleep."""
     import multiprocessing
+    from unittest import mock
 
     ctx = multiprocessing.get_context("spawn")
     workers = {}
@@ -92,15 +93,9 @@ def process_round_robin(factories: dict, rounds: int, pause: float = 1.0) -> dic
         for name, (factory, args, *tunables) in factories.items():  # one after another: compiling has the cores
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_serve_steps, args=(child, factory, args), daemon=True)
-            saved = os.environ.get("GLIBC_TUNABLES")
-            if tunables:
-                os.environ["GLIBC_TUNABLES"] = tunables[0]  # read by the spawned interpreter at start-up
-            try:
+            # GLIBC_TUNABLES is read by the spawned interpreter at start-up
+            with mock.patch.dict(os.environ, {"GLIBC_TUNABLES": tunables[0]} if tunables else {}):
                 proc.start()
-            finally:
-                os.environ.pop("GLIBC_TUNABLES", None)
-                if saved is not None:
-                    os.environ["GLIBC_TUNABLES"] = saved
             child.close()  # only the worker holds its end, so its death ends our recv
             workers[name] = (proc, parent)
             reply(name)
