@@ -2,7 +2,8 @@
 model FLOP utilization against an HF transformers (torch) AdamW step, side by side.
 
     python experiments/bench_heal.py [--family runs/plrd-progressive | --fractions 0.75,0.5,0.25
-        | --budgets 0.6,0.5,0.4 --multiple-of 1,16] [--skip-torch] [--config-json CONFIG]
+        | --budgets 0.6,0.5,0.4 --multiple-of 1,16] [--skip-torch | --forward-only [--no-attention-core]]
+        [--config-json CONFIG]
         [--batch 4] [--seq-len 256] [--steps 3] [--dtype float32] [--peak-gflops 165] [--json OUT]
 
 On a GPU (e.g. an H100/H200 without the checkpoint at hand):
@@ -27,8 +28,10 @@ its workers); run it with GLIBC_TUNABLES= to time with glibc's defaults.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +40,15 @@ from timing import keep_freed_memory, process_round_robin, round_robin_medians
 
 
 DECODE_STEPS = 16  # per timed call of the decode latency
+
+
+def values_passthrough(q, k, v, positions, k_pos, z_head, dtype, blocks=1):
+    """Stands in for `plrd_jax.model.masked_attention` in --no-attention-core: no scores, softmax or P·V, only
+    q plus the mean of k + v over the keys (so that no projection is optimized away), in its output shape."""
+    B, T, H, hd = q.shape
+    KV = k.shape[2]
+    kv = (k + v).astype(q.dtype).mean(axis=1)  # (B, KV, hd)
+    return q.reshape(B, T, KV, H // KV, hd) + kv[:, None, :, None, :]
 
 
 def decode_steps(config, params, cache_len: int, steps: int):
@@ -149,6 +161,10 @@ def main():
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--also-default-malloc", action="store_true",
                     help="also time each heal step with glibc's default malloc, in the same round robin")
+    ap.add_argument("--forward-only", action="store_true", help="time the members only, no heal steps")
+    ap.add_argument("--no-attention-core", action="store_true",
+                    help="time the members with the attention core (QKᵀ, softmax, P·V) replaced by a pass-through "
+                         "and the FLOP ratio without its FLOPs: what the rest of the model gains, not a model")
     ap.add_argument("--json", default=None)
     ap.add_argument("--config-json", default=None, help="random weights of this ModelConfig JSON (speed only)")
     args = ap.parse_args()
@@ -177,15 +193,15 @@ def main():
     n_tokens = args.batch * args.seq_len
     out = {"model": args.config_json or args.model, "batch": args.batch, "seq_len": args.seq_len,
            "dtype": args.dtype, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-           "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+           "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "attention_core": not args.no_attention_core}
 
     # Heal steps first, while this process holds nothing but the parent (its threads stay idle).
-    steps = {"plrd_jax": (plrd_jax_heal_step, (args, tokens))}
-    if not args.skip_torch:
+    steps = {} if args.forward_only else {"plrd_jax": (plrd_jax_heal_step, (args, tokens))}
+    if not (args.skip_torch or args.forward_only):
         steps["torch"] = (torch_heal_step, (args, tokens))
     if args.also_default_malloc:
         steps.update({f"{name}_default_malloc": (*step, "") for name, step in list(steps.items())})
-    heal = process_round_robin(steps, rounds=args.steps)
+    heal = process_round_robin(steps, rounds=args.steps) if steps else {}
     flops = model_flops_per_token(config, args.seq_len, training=True)
     for name, (s, faults) in heal.items():
         out[f"{name}_heal_tokens_per_s"] = n_tokens / s
@@ -199,7 +215,8 @@ def main():
     # Forward latency of members against their FLOP ratio.
     x = jnp.asarray(tokens[0])
     rows = []
-    parent_flops = model_flops_per_token(config, args.seq_len, training=False)
+    flop_len = 0 if args.no_attention_core else args.seq_len  # T = 0: 2N, the matmuls' FLOPs alone
+    parent_flops = model_flops_per_token(config, flop_len, training=False)
     def members():
         yield "parent", config, params
         if args.family:  # the members of a stored family, by name
@@ -222,14 +239,17 @@ def main():
             yield f"rank {round(fraction * config.hidden_size)}", cfg, p
 
     compiled = []
-    for name, cfg, p in members():
-        if args.dtype != "float32":
-            cfg, p = cast(cfg, p, args.dtype)
-        fwd = jax.jit(lambda p, t, cfg=cfg: Decoder(cfg).apply({"params": p}, t))
-        fwd(p, x).block_until_ready()
-        decode = decode_steps(cfg, p, args.seq_len, DECODE_STEPS)
-        decode()
-        compiled.append((name, cfg, p, fwd, decode))
+    ablation = (mock.patch("plrd_jax.model.masked_attention", values_passthrough) if args.no_attention_core
+                else contextlib.nullcontext())
+    with ablation:  # traced (and compiled) inside: the executables keep the stand-in
+        for name, cfg, p in members():
+            if args.dtype != "float32":
+                cfg, p = cast(cfg, p, args.dtype)
+            fwd = jax.jit(lambda p, t, cfg=cfg: Decoder(cfg).apply({"params": p}, t))
+            fwd(p, x).block_until_ready()
+            decode = decode_steps(cfg, p, args.seq_len, DECODE_STEPS)
+            decode()
+            compiled.append((name, cfg, p, fwd, decode))
     # round robin, so that a slow spell of the machine hits every member
     rounds = max(args.steps, 5)
     seconds = round_robin_medians({name: (lambda p=p, fwd=fwd: fwd(p, x).block_until_ready())
@@ -237,7 +257,7 @@ def main():
     decode_seconds = round_robin_medians({name: decode for name, *_, decode in compiled}, rounds)
     for name, cfg, *_ in compiled:
         rows.append({"member": name, "seconds": seconds[name], "decode_seconds": decode_seconds[name] / DECODE_STEPS,
-                     "flop_ratio": parent_flops / model_flops_per_token(cfg, args.seq_len, training=False)})
+                     "flop_ratio": parent_flops / model_flops_per_token(cfg, flop_len, training=False)})
     del compiled
     for r in rows:
         r["speedup"] = rows[0]["seconds"] / r["seconds"]
@@ -245,16 +265,18 @@ def main():
         r["decode_speedup_over_flop_ratio"] = rows[0]["decode_seconds"] / r["decode_seconds"] / r["flop_ratio"]
     out["members"] = rows
 
-
-    print(f"heal step {args.batch}×{args.seq_len} {args.dtype}: plrd_jax {out['plrd_jax_heal_tokens_per_s']:.0f} tok/s "
-          f"(MFU {100 * out['plrd_jax_heal_mfu']:.0f}% of {args.peak_gflops:.0f} GFLOP/s)"
-          + (f", HF torch {out['torch_heal_tokens_per_s']:.0f} tok/s, ratio {out['heal_ratio']:.2f}×"
-             if "heal_ratio" in out else "") + f" on {out['device']}")
+    if "plrd_jax" in heal:
+        print(f"heal step {args.batch}×{args.seq_len} {args.dtype}: plrd_jax {out['plrd_jax_heal_tokens_per_s']:.0f} tok/s "
+              f"(MFU {100 * out['plrd_jax_heal_mfu']:.0f}% of {args.peak_gflops:.0f} GFLOP/s)"
+              + (f", HF torch {out['torch_heal_tokens_per_s']:.0f} tok/s, ratio {out['heal_ratio']:.2f}×"
+                 if "heal_ratio" in out else "") + f" on {out['device']}")
     for name in heal:
         print(f"  {name}: {out[f'{name}_heal_tokens_per_s']:.0f} tok/s, "
               f"{out[f'{name}_heal_page_faults_per_step']} page faults per step")
     if "heal_ratio_default_malloc" in out:
         print(f"  ratio with glibc's default malloc: {out['heal_ratio_default_malloc']:.2f}×")
+    if args.no_attention_core:
+        print("members without the attention core (a pass-through in its place; FLOP ratio without its FLOPs):")
     print("| member | forward s | speed-up | FLOP ratio | speed-up / FLOP ratio | decode ms/token | decode speed-up / "
           "FLOP ratio |\n|---|---|---|---|---|---|---|")
     for r in rows:
