@@ -1,5 +1,5 @@
-"""Forward latency of low-rank members against their FLOP ratio to the parent; then heal-step throughput and
-model FLOP utilization against an HF transformers (torch) AdamW step, side by side.
+"""Heal-step throughput and model FLOP utilization against an HF transformers (torch) AdamW step, side by side;
+then forward latency of low-rank members against their FLOP ratio to the parent.
 
     python experiments/bench_heal.py [--family runs/plrd-progressive | --fractions 0.75,0.5,0.25
         | --budgets 0.6,0.5,0.4 --multiple-of 1,16] [--skip-torch | --forward-only [--no-attention-core]]
