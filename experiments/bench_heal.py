@@ -177,6 +177,9 @@ def main():
 
     if args.config_json and not os.path.isfile(args.config_json):
         raise SystemExit(f"error: --config-json {args.config_json}: no such file")
+    if args.no_attention_core and jax.default_backend() == "gpu" and args.dtype != "float32":
+        raise SystemExit("error: --no-attention-core stands in for masked_attention, which bf16 on a GPU does not use "
+                         "(cuDNN's fused attention)")
     if args.seq_len < DECODE_STEPS:
         raise SystemExit(f"error: --seq-len {args.seq_len}: the decode latency needs at least {DECODE_STEPS} positions")
     if args.family:  # checked before the minutes of heal steps
