@@ -2,7 +2,7 @@
 then forward latency of low-rank members against their FLOP ratio to the parent.
 
     python experiments/bench_heal.py [--family runs/plrd-progressive | --fractions 0.75,0.5,0.25
-        | --budgets 0.6,0.5,0.4 --multiple-of 1,16] [--skip-torch | --forward-only [--no-attention-core]]
+        | --budgets 0.6,0.5,0.4 --multiple-of 1,16] [--skip-torch | --forward-only | --no-attention-core]
         [--config-json CONFIG]
         [--batch 4] [--seq-len 256] [--steps 3] [--dtype float32] [--peak-gflops 165] [--json OUT]
 
@@ -164,7 +164,8 @@ def main():
     ap.add_argument("--forward-only", action="store_true", help="time the members only, no heal steps")
     ap.add_argument("--no-attention-core", action="store_true",
                     help="time the members with the attention core (QKᵀ, softmax, P·V) replaced by a pass-through "
-                         "and the FLOP ratio without its FLOPs: what the rest of the model gains, not a model")
+                         "and the FLOP ratio without its FLOPs: what the rest of the model gains, not a model "
+                         "(no heal steps)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--config-json", default=None, help="random weights of this ModelConfig JSON (speed only)")
     args = ap.parse_args()
@@ -177,6 +178,10 @@ def main():
 
     if args.config_json and not os.path.isfile(args.config_json):
         raise SystemExit(f"error: --config-json {args.config_json}: no such file")
+    forward_only = args.forward_only or args.no_attention_core  # heal figures would not be the ablation's
+    if forward_only and args.also_default_malloc:
+        raise SystemExit("error: --also-default-malloc times heal steps, which --forward-only and "
+                         "--no-attention-core skip")
     if args.no_attention_core and jax.default_backend() == "gpu" and args.dtype != "float32":
         raise SystemExit("error: --no-attention-core stands in for masked_attention, which bf16 on a GPU does not use "
                          "(cuDNN's fused attention)")
@@ -199,8 +204,8 @@ def main():
            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "attention_core": not args.no_attention_core}
 
     # Heal steps first, while this process holds nothing but the parent (its threads stay idle).
-    steps = {} if args.forward_only else {"plrd_jax": (plrd_jax_heal_step, (args, tokens))}
-    if not (args.skip_torch or args.forward_only):
+    steps = {} if forward_only else {"plrd_jax": (plrd_jax_heal_step, (args, tokens))}
+    if not (args.skip_torch or forward_only):
         steps["torch"] = (torch_heal_step, (args, tokens))
     if args.also_default_malloc:
         steps.update({f"{name}_default_malloc": (*step, "") for name, step in list(steps.items())})
