@@ -31,8 +31,9 @@ def test_passthrough_has_the_attention_output_shape():
 def test_every_projection_reaches_the_logits_without_the_attention_core():
     params = init_params(TINY)
     tokens = jnp.arange(16).reshape(2, 8) % TINY.vocab_size
-    with mock.patch("plrd_jax.model.masked_attention", values_passthrough):
+    with mock.patch("plrd_jax.model.masked_attention", side_effect=values_passthrough) as stand_in:
         grads = jax.grad(lambda p: Decoder(TINY).apply({"params": p}, tokens).sum())(params)
+    assert stand_in.call_count == TINY.num_layers  # the model looks masked_attention up at call time
     for name in ("q", "k", "v", "o"):
         g = next(iter(jax.tree.leaves(grads["layers_0"]["attn"][name])))
         assert float(jnp.abs(g).max()) > 0, name
