@@ -274,10 +274,9 @@ def main():
     out["members"] = rows
 
     if "plrd_jax" in heal:
-        print(f"heal step {args.batch}×{args.seq_len} {args.dtype}: plrd_jax {out['plrd_jax_heal_tokens_per_s']:.0f} tok/s "
-              f"(MFU {100 * out['plrd_jax_heal_mfu']:.0f}% of {args.peak_gflops:.0f} GFLOP/s)"
-              + (f", HF torch {out['torch_heal_tokens_per_s']:.0f} tok/s, ratio {out['heal_ratio']:.2f}×"
-                 if "heal_ratio" in out else "") + f" on {out['device']}")
+        print(f"heal step {args.batch}×{args.seq_len} {args.dtype} on {out['device']}: plrd_jax MFU "
+              f"{100 * out['plrd_jax_heal_mfu']:.0f}% of {args.peak_gflops:.0f} GFLOP/s"
+              + (f", ratio to HF torch {out['heal_ratio']:.2f}×" if "heal_ratio" in out else ""))
     for name in heal:
         print(f"  {name}: {out[f'{name}_heal_tokens_per_s']:.0f} tok/s, "
               f"{out[f'{name}_heal_page_faults_per_step']} page faults per step")
