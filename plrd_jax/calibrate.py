@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -60,15 +60,15 @@ def _zeros(d_in: int) -> MatrixStats:
 
 
 def _record_linears(records: dict, probes: Mapping | None = None):
-    """Interceptor: records[path] = input of every Linear; adds probes[path] (zeros) to its output, so that
-    the gradient with respect to a probe is ∂L/∂Y of that layer."""
+    """Interceptor: records[path] = input of every Linear; adds probes[path] (zeros), where given, to its output,
+    so that the gradient with respect to a probe is ∂L/∂Y of that layer."""
     def interceptor(next_fun, args, kwargs, context):
         if not isinstance(context.module, Linear) or context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         path = "/".join(context.module.path)
         records[path] = args[0]
         y = next_fun(*args, **kwargs)
-        return y if probes is None else y + probes[path].astype(y.dtype)
+        return y if probes is None or path not in probes else y + probes[path].astype(y.dtype)
     return nn.intercept_methods(interceptor)
 
 
@@ -159,14 +159,17 @@ def _jitted_step(config: ModelConfig, shapes: tuple, fisher: bool, mesh: Mesh):
 
 
 def calibrate(config: ModelConfig, params, windows: np.ndarray, batch_size: int = 4, *, fisher: bool = False,
-              mesh: Mesh | None = None, progress: Callable[[int, int], None] | None = None
-              ) -> dict[str, MatrixStats]:
+              mesh: Mesh | None = None, progress: Callable[[int, int], None] | None = None,
+              paths: Iterable[str] | None = None) -> dict[str, MatrixStats]:
     """Statistics (`MatrixStats`) of every Linear of `Decoder(config)` with `params` over `windows` [N, T].
 
     Batches of `batch_size` windows (the last one padded with weight 0), one jitted step each; with
     `fisher=True` each window also gets its own backward pass (next-token cross-entropy of that window).
     mesh: default all devices on the fsdp axis; params are placed by `param_shardings`. progress(done, total)
     is called after each batch (windows done, windows in all).
+    paths: only these Linears' statistics (default all, see `linear_paths`). Without Fisher rows the step then
+    depends on the forward only up to those layers, and XLA drops the rest of it (later layers, the LM head):
+    calibrating layer i alone costs the forward of layers 0..i.
     """
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.shape[1] < 2 or len(windows) == 0:
@@ -177,6 +180,13 @@ def calibrate(config: ModelConfig, params, windows: np.ndarray, batch_size: int 
         raise ValueError(f"window length {windows.shape[1]} exceeds the model's max_seq_len {config.max_seq_len}")
     mesh = make_mesh() if mesh is None else mesh
     shapes = linear_paths(config, params)
+    if paths is not None:
+        paths = list(dict.fromkeys(paths))
+        unknown = [p for p in paths if p not in shapes]
+        if unknown or not paths:
+            raise ValueError(f"no Linear at {', '.join(map(repr, unknown)) or 'an empty path list'}; "
+                             f"the model's Linears are e.g. {', '.join(list(shapes)[:3])}")
+        shapes = {p: shapes[p] for p in shapes if p in paths}
     n = len(windows)
     batch_size = min(batch_size, n)
     if not fisher:  # the batch splits over the mesh's batch axes

@@ -101,10 +101,12 @@ def family_schedule(args):
         plrd = PRESETS["plrd"]  # budget fractions: the plrd preset's settings at other sizes
         schedule = dataclasses.replace(plrd, stages=_stages(fractions, plrd.stages[0].heal_tokens))
     heal = {k: v for k, v in (("lr", args.lr), ("kd_weight", args.kd_weight), ("dtype", args.dtype),
-                              ("grad_accum", args.grad_accum)) if v is not None}
+                              ("grad_accum", args.grad_accum), ("kd_temperature", args.kd_temperature),
+                              ("kd_top_k", args.kd_top_k)) if v is not None}
     top = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len),
                              ("multiple_of", args.multiple_of), ("decomposition", args.decomposition),
-                             ("allocation", args.allocation), ("calibration_windows", args.calibration_windows))
+                             ("allocation", args.allocation), ("calibration_windows", args.calibration_windows),
+                             ("teacher", args.teacher))
            if v is not None}
     stages = schedule.stages
     if args.heal_tokens is not None:
@@ -113,25 +115,62 @@ def family_schedule(args):
                                heal=schedule.heal.replace(**heal), **top)
 
 
+DEFAULT_HEAL_DATA = "wikitext2-heal,books-heal,speeches-heal"
+DEFAULT_EVAL_DATA = "wikitext2-eval,books-eval,speeches-eval,tinyshakespeare,pydoc"
+
+
+def evaluation_corpora(args, tokenizer, train_specs, seq_len=None):
+    """(corpora {name: TokenDataset}, unseen names) for --eval-data, after checking that no corpus shares text
+    with the calibration / healing sources (`train_specs`: mixture specs) — before any model runs."""
+    from plrd_jax.data import check_disjoint, domain_of, load_corpora, parse_mixture
+
+    train = [name for spec in train_specs for name in parse_mixture(spec)]
+    corpora = load_corpora(args.eval_data, tokenizer, seq_len or args.eval_seq_len, args.eval_tokens,
+                           data_dir=args.data_dir)
+    check_disjoint(corpora, train, data_dir=args.data_dir)
+    seen_domains = {domain_of(n) for n in train}
+    unseen = [n for n in corpora if domain_of(n) not in seen_domains]
+    return corpora, unseen
+
+
+def print_summary(out_dir, prefix, results, parent_params, parent_ppl, unseen, title):
+    """The members' table (a column per corpus, ratios to the parent, geometric mean) and the plot, written to
+    OUT/{prefix}summary.md, .csv and OUT/{prefix}ppl_ratios.png."""
+    from plrd_jax.report import markdown_table, plot_ratios, summary_columns, summary_rows, write_csv
+
+    columns = summary_columns(list(parent_ppl), unseen)
+    rows = summary_rows(results, parent_params, parent_ppl, unseen)
+    table = markdown_table(rows, columns)
+    with open(os.path.join(out_dir, f"{prefix}summary.md"), "w") as f:
+        f.write(table)
+    write_csv(os.path.join(out_dir, f"{prefix}summary.csv"), rows, columns)
+    plot_ratios(os.path.join(out_dir, f"{prefix}ppl_ratios.png"), results, parent_params, parent_ppl, unseen, title)
+    print(table)
+    print(f"wrote {out_dir}/{prefix}summary.md, {prefix}summary.csv, {prefix}ppl_ratios.png")
+
+
 def cmd_family(args):
-    from plrd_jax.data import load_dataset
-    from plrd_jax.evaluate import perplexity
+    from plrd_jax.data import load_mixture
+    from plrd_jax.evaluate import geomean_ratio, ratios_to_parent
     from plrd_jax.family import run_family
     from plrd_jax.io.load import load_model
     from plrd_jax.model import count_params
-    from plrd_jax.report import family_rows, markdown_table, plot_ppl_vs_params, write_csv
     from plrd_jax.store import FamilyStore
 
     schedule = family_schedule(args)
     mesh_shape = tuple(int(x) for x in args.mesh.split(","))
     config, params, tokenizer = load_model(args.parent)
     check_seq_len(max(args.eval_seq_len, schedule.seq_len), config.max_seq_len)
-    streamed = args.data.startswith("tfds:")  # read only as many windows as the schedule consumes
+    calibration_spec = args.calibration_data or args.data
+    corpora, unseen = evaluation_corpora(args, tokenizer, [args.data, calibration_spec])
     needed = sum(schedule.steps(s) for s in schedule.stages) * schedule.batch_size * schedule.heal.grad_accum
-    heal_data = load_dataset(args.data, tokenizer, schedule.seq_len, data_dir=args.data_dir,
-                             max_windows=max(needed, 1) if streamed else None)
-    eval_data = load_dataset(args.eval_data, tokenizer, args.eval_seq_len, data_dir=args.data_dir,
-                             max_windows=-(-args.eval_tokens // args.eval_seq_len))
+    heal_data = load_mixture(args.data, tokenizer, schedule.seq_len, data_dir=args.data_dir,
+                             max_windows=max(needed, 1) if "tfds:" in args.data else None)
+    calibration = heal_data if calibration_spec == args.data else load_mixture(
+        calibration_spec, tokenizer, schedule.seq_len, data_dir=args.data_dir, max_windows=schedule.calibration_windows)
+    if len(calibration) < schedule.calibration_windows:
+        raise ValueError(f"--calibration-data {calibration_spec!r} has {len(calibration)} windows of "
+                         f"{schedule.seq_len}; the schedule calibrates on {schedule.calibration_windows}")
     if jax.process_count() > 1:  # multi-host: each host feeds only its rows of every global batch
         from plrd_jax.distributed import ProcessLocalData
         from plrd_jax.sharding import batch_sharding, make_mesh
@@ -141,16 +180,19 @@ def cmd_family(args):
     store = FamilyStore(args.out)
     if tokenizer is not None and not os.path.isdir(os.path.join(args.out, "tokenizer")) and jax.process_index() == 0:
         tokenizer.save(os.path.join(args.out, "tokenizer"))  # members load with it as FAMILY_DIR:N
-    parent_ppl = perplexity(config, params, eval_data.windows, batch_size=4).ppl
-    print(f"parent {args.parent}: {count_params(params):,} params, PPL {parent_ppl:.3f} on {args.eval_data} "
-          f"({eval_data.spec['windows']} windows of {args.eval_seq_len})", file=sys.stderr)
+    print(f"parent {args.parent}: {count_params(params):,} params; healing on {args.data} "
+          f"({len(heal_data)} windows of {schedule.seq_len}), calibrating on {calibration_spec}; evaluating on "
+          + ", ".join(f"{n}{' (unseen)' if n in unseen else ''}" for n in corpora)
+          + f" ({args.eval_tokens} tokens each in windows of {args.eval_seq_len})", file=sys.stderr)
     bars = {}
 
     def on_event(kind, info):
-        if kind == "stage":
+        if kind == "parent":
+            print("  parent PPL " + ", ".join(f"{n} {v:.4g}" for n, v in info["ppl"].items()), file=sys.stderr)
+        elif kind == "stage":
             from tqdm.auto import tqdm
 
-            bars[info["member"]] = tqdm(total=info["steps"], 
+            bars[info["member"]] = tqdm(total=info["steps"],
                                         desc=f"member {info['member']} {info['name']}", unit="step",
                                         file=sys.stderr, dynamic_ncols=True)
         elif kind == "step":
@@ -158,46 +200,42 @@ def cmd_family(args):
             bar.n = info["step"] - 1
             bar.set_postfix(loss=f"{info['loss']:.3f}", tok_s=f"{info['tokens'] / info['seconds']:.0f}")
             bar.update(1)
-        elif kind == "eval":
-            print(f"  member {info['member']} PPL {info['when']} heal: {info['ppl']:.4g}", file=sys.stderr)
         elif kind == "member":
-            r = info["result"]
+            r, parent_ppl = info["result"], info["parent_ppl"]
             if r.member in bars:
                 bars.pop(r.member).close()
-            print(f"  member {r.member} {r.name}: {r.params:,} params ({100 * r.fraction:.1f}%), "
-                  f"PPL {r.ppl_before:.4g} -> {r.ppl_after:.4g}" + (" (stored earlier)" if info["restored"] else ""),
-                  file=sys.stderr)
+            print(f"  member {r.member} {r.name}: {r.params:,} params ({100 * r.fraction:.1f}%), PPL × parent "
+                  f"(geo-mean) {geomean_ratio(r.ppl_before, parent_ppl):.2f} -> "
+                  f"{geomean_ratio(r.ppl_after, parent_ppl):.2f}: "
+                  + ", ".join(f"{n} {v:.2f}×" for n, v in ratios_to_parent(r.ppl_after, parent_ppl).items())
+                  + (" (stored earlier)" if info["restored"] else ""), file=sys.stderr)
 
-    data_spec = {"heal": heal_data.spec, "eval": eval_data.spec}
-    results = run_family(args.parent, config, params, schedule, heal_data, eval_data.windows, store,
+    parent_info = {}
+    data_spec = {"heal": heal_data.spec, "calibration": calibration.spec if calibration is not heal_data else "heal",
+                 "eval": {n: c.spec for n, c in corpora.items()}, "unseen": unseen}
+    results = run_family(args.parent, config, params, schedule, heal_data, {n: c.windows for n, c in corpora.items()},
+                         store, calibration_windows=calibration.windows[:schedule.calibration_windows],
                          mesh_shape=mesh_shape, save_every=args.save_every, seed=args.seed, data_spec=data_spec,
-                         on_event=on_event)
+                         on_event=lambda kind, info: (parent_info.update(info) if kind == "parent" else None,
+                                                      on_event(kind, info)))
     store.close()
-    rows = family_rows(results, count_params(params), parent_ppl)
-    table = markdown_table(rows)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(table)
-    write_csv(os.path.join(args.out, "summary.csv"), rows)
     label = "progressive" if schedule.progressive else "one-shot"
-    plot_ppl_vs_params(os.path.join(args.out, "ppl_vs_params.png"),
-                       {f"{label}, before heal": [(r.params, r.ppl_before) for r in results],
-                        f"{label}, healed": [(r.params, r.ppl_after) for r in results]},
-                       (count_params(params), parent_ppl))
+    print_summary(args.out, "", results, count_params(params), parent_info["ppl"], unseen,
+                  f"{label} family, healed: PPL / parent's per corpus")
     from plrd_jax.transforms import plot_rank_heatmap
 
     shapes = {p: config.matrix_shape(p) for p in config.matrix_paths()}
     for r in results:  # ranks by layer and matrix kind, one picture per member
         plot_rank_heatmap(os.path.join(args.out, f"ranks_{r.name}.png"), r.ranks, shapes,
                           f"{r.name} ({schedule.decomposition}, {schedule.allocation}): ranks (– dense)")
-    print(table)
-    print(f"wrote {args.out}/summary.md, summary.csv, ppl_vs_params.png, ranks_*.png")
+    print(f"wrote {args.out}/ranks_*.png")
 
 
 def cmd_compress(args):
     """One member straight from a model: calibrate, allocate ranks for a parameter budget, decompose."""
     from plrd_jax.calibrate import calibrate
-    from plrd_jax.data import load_dataset
-    from plrd_jax.evaluate import perplexity
+    from plrd_jax.data import load_mixture
+    from plrd_jax.evaluate import geometric_mean, perplexities
     from plrd_jax.io.load import load_model
     from plrd_jax.model import count_params
     from plrd_jax.store import FamilyStore
@@ -208,17 +246,15 @@ def cmd_compress(args):
     check_seq_len(max(args.eval_seq_len, args.calibration_seq_len), config.max_seq_len)
     if not 0 < args.reduction < 1:
         raise ValueError(f"--reduction {args.reduction} must lie strictly between 0 and 1 (0.2 = 20% fewer params)")
-    if args.calibration_data == args.eval_data:
-        raise ValueError(f"--calibration-data and --eval-data are both {args.eval_data!r}; calibrate on text disjoint "
-                         "from the evaluation text (e.g. wikitext2-heal and wikitext2-eval)")
     if not 0 <= args.sparse_density < 1:
         raise ValueError(f"--sparse-density {args.sparse_density} must lie in [0, 1)")
+    corpora, unseen = evaluation_corpora(args, tokenizer, [args.calibration_data])
     decomposition = Decomposition(args.decomposition, alpha=args.alpha)
     plan = RankPlan(args.matrices.split(","), budget=int(round((1 - args.reduction) * count_params(params))),
                     multiple_of=args.multiple_of, decomposition=decomposition)
     stats = None
     if decomposition.needs_stats or args.allocation != "uniform":
-        calib = load_dataset(args.calibration_data, tokenizer, args.calibration_seq_len, data_dir=args.data_dir,
+        calib = load_mixture(args.calibration_data, tokenizer, args.calibration_seq_len, data_dir=args.data_dir,
                              max_windows=args.calibration_windows)
         with progress_bar(len(calib), "calibrate", "win") as bar:
             stats = calibrate(config, params, calib.windows, fisher=decomposition.needs_fisher,
@@ -238,14 +274,18 @@ def cmd_compress(args):
                   "sparse_density": args.sparse_density}
     else:
         member, member_config, report = compress(params, plan, config, allocation=args.allocation, stats=stats)
-    eval_data = load_dataset(args.eval_data, tokenizer, args.eval_seq_len, data_dir=args.data_dir,
-                             max_windows=-(-args.eval_tokens // args.eval_seq_len))
-    parent_ppl = perplexity(config, params, eval_data.windows, batch_size=4).ppl
-    member_ppl = perplexity(member_config, member, eval_data.windows, batch_size=4).ppl
+    windows = {name: c.windows for name, c in corpora.items()}
+    parent_ppl = {k: v.ppl for k, v in perplexities(config, params, windows, batch_size=4).items()}
+    member_ppl = {k: v.ppl for k, v in perplexities(member_config, member, windows, batch_size=4).items()}
     n, n_member = count_params(params), count_params(member)
-    print(f"parent {args.model}: {n:,} params, PPL {parent_ppl:.4g}; member ({args.decomposition}, "
-          f"{args.allocation}): {n_member:,} params ({100 * n_member / n:.1f}%), PPL {member_ppl:.4g} on "
-          f"{args.eval_data} ({eval_data.spec['windows']} windows of {args.eval_seq_len})")
+    ratios = {k: member_ppl[k] / parent_ppl[k] for k in windows}
+    print(f"parent {args.model}: {n:,} params; member ({args.decomposition}, {args.allocation}): {n_member:,} params "
+          f"({100 * n_member / n:.1f}%), calibrated on {args.calibration_data}; PPL (windows of {args.eval_seq_len}, "
+          f"{args.eval_tokens} tokens per corpus):")
+    for k in windows:
+        print(f"  {k}{' (unseen)' if k in unseen else ''}: parent {parent_ppl[k]:.4g}, member {member_ppl[k]:.4g} "
+              f"({ratios[k]:.2f}×)")
+    print(f"  geometric mean of the ratios: {geometric_mean(ratios.values()):.2f}×")
     if report.get("scalings"):
         print("input scalings: " + ", ".join(f"{k} × {v}" for k, v in report["scalings"].items()))
     if args.out:
@@ -257,7 +297,9 @@ def cmd_compress(args):
         store.save(step, member, {"member": step, "name": name, "method": "compress", "parent": args.model,
                                   "step": step, "final": True, "config": member_config.to_dict(), "params": n_member,
                                   "compression": n_member / n, "ppl_before": member_ppl, "ppl_after": member_ppl,
-                                  "eval": eval_data.spec, "decomposition_report": report})
+                                  "parent_ppl": parent_ppl, "eval": {k: c.spec for k, c in corpora.items()},
+                                  "unseen": unseen, "calibration": args.calibration_data,
+                                  "decomposition_report": report})
         store.close()
         if tokenizer is not None and not os.path.isdir(os.path.join(args.out, "tokenizer")):
             tokenizer.save(os.path.join(args.out, "tokenizer"))
@@ -376,10 +418,9 @@ def _pairs(text, flag, cast=str):
 def cmd_shear(args):
     from plrd_jax import dynamic_loading as dl
     from plrd_jax.data import load_dataset
-    from plrd_jax.evaluate import perplexity
+    from plrd_jax.evaluate import geomean_ratio, perplexities
     from plrd_jax.io.load import load_model
     from plrd_jax.model import count_params
-    from plrd_jax.report import family_rows, markdown_table, plot_ppl_vs_params, write_csv
     from plrd_jax.shear import run_shear
     from plrd_jax.store import FamilyStore
 
@@ -387,22 +428,20 @@ def cmd_shear(args):
     schedule = shear_schedule(args, config)  # bad targets, domains, reference losses: errors before any compute
     sources = dl.resolve_sources(schedule.domains.names, dict(_pairs(args.source, "--source")) if args.source else {})
     check_seq_len(max(args.eval_seq_len, schedule.seq_len), config.max_seq_len)
-    if args.eval_data in sources.values():
-        raise ValueError(f"--eval-data {args.eval_data!r} is one of the training domains; give a disjoint source")
+    corpora, unseen = evaluation_corpora(args, tokenizer, list(sources.values()))
     steps = sum(schedule.prune_steps(m) * schedule.batch_size + schedule.continue_steps(m) * (
         schedule.continue_batch_size or schedule.batch_size) for m in schedule.members)
     windows = {name: load_dataset(src, tokenizer, schedule.seq_len, data_dir=args.data_dir,
                                   max_windows=steps + schedule.validation_windows if src.startswith("tfds:") else None)
                for name, src in sources.items()}
-    eval_data = load_dataset(args.eval_data, tokenizer, args.eval_seq_len, data_dir=args.data_dir,
-                             max_windows=-(-args.eval_tokens // args.eval_seq_len))
+    eval_sets = {n: c.windows for n, c in corpora.items()}
     os.makedirs(args.out, exist_ok=True)
     store = FamilyStore(args.out)
     if tokenizer is not None and not os.path.isdir(os.path.join(args.out, "tokenizer")):
         tokenizer.save(os.path.join(args.out, "tokenizer"))
-    parent_ppl = perplexity(config, params, eval_data.windows, batch_size=4).ppl
-    print(f"parent {args.parent}: {count_params(params):,} params, PPL {parent_ppl:.3f} on {args.eval_data}; "
-          f"domains " + ", ".join(f"{n}={s} ({len(windows[n].windows)} windows)" for n, s in sources.items()),
+    parent_ppl = {n: r.ppl for n, r in perplexities(config, params, eval_sets, batch_size=4).items()}
+    print(f"parent {args.parent}: {count_params(params):,} params, PPL "
+          + ", ".join(f"{n} {v:.4g}" for n, v in parent_ppl.items()) + "; domains " + ", ".join(f"{n}={s} ({len(windows[n].windows)} windows)" for n, s in sources.items()),
           file=sys.stderr)
     bars = {}
 
@@ -427,34 +466,26 @@ def cmd_shear(args):
         elif kind == "weights":
             print(f"  step {info['step']} domain weights " + ", ".join(
                 f"{n} {w:.3f}" for n, w in zip(info["names"], info["weights"])), file=sys.stderr)
-        elif kind == "eval":
-            print(f"  {info['name']} PPL {info['when']}: {info['ppl']:.4g}", file=sys.stderr)
         elif kind == "member":
             r = info["result"]
-            print(f"  member {r.member} {r.name}: {r.params:,} params ({100 * r.fraction:.1f}%), PPL pruned "
-                  f"{r.ppl_before:.4g} -> continued {r.ppl_after:.4g}" + (" (stored earlier)" if info["restored"]
-                                                                          else ""), file=sys.stderr)
+            print(f"  member {r.member} {r.name}: {r.params:,} params ({100 * r.fraction:.1f}%), PPL × parent "
+                  f"(geo-mean) pruned {geomean_ratio(r.ppl_before, parent_ppl):.2f} -> continued "
+                  f"{geomean_ratio(r.ppl_after, parent_ppl):.2f}" + (" (stored earlier)" if info["restored"] else ""),
+                  file=sys.stderr)
 
-    data_spec = {"domains": {n: w.spec for n, w in windows.items()}, "eval": eval_data.spec}
+    data_spec = {"domains": {n: w.spec for n, w in windows.items()},
+                 "eval": {n: c.spec for n, c in corpora.items()}, "unseen": unseen}
     results = run_shear(args.parent, config, params, schedule, {n: w.windows for n, w in windows.items()},
-                        eval_data.windows, store, mesh_shape=tuple(int(x) for x in args.mesh.split(",")),
+                        eval_sets, store, mesh_shape=tuple(int(x) for x in args.mesh.split(",")),
                         save_every=args.save_every, seed=args.seed, data_spec=data_spec, on_event=on_event)
     store.close()
-    rows = family_rows(results, count_params(params), parent_ppl)
-    table = markdown_table(rows)
-    with open(os.path.join(args.out, "shear_summary.md"), "w") as f:
-        f.write(table)
-    write_csv(os.path.join(args.out, "shear_summary.csv"), rows)
-    plot_ppl_vs_params(os.path.join(args.out, "shear_ppl_vs_params.png"),
-                       {"pruned": [(r.params, r.ppl_before) for r in results],
-                        "pruned + continued": [(r.params, r.ppl_after) for r in results]},
-                       (count_params(params), parent_ppl), title="Sheared members")
+    print_summary(args.out, "shear_", results, count_params(params), parent_ppl, unseen,
+                  "Sheared members, continued: PPL / parent's per corpus")
     for r in results:
         state = dl.LoaderState((), (), tuple((s, tuple(w)) for s, w in r.domain_weights))
         dl.plot_weights(os.path.join(args.out, f"domain_weights_{r.name}.png"), state, schedule.domains.names,
                         title=f"Domain weights, {r.name}")
-    print(table)
-    print(f"wrote {args.out}/shear_summary.md, shear_summary.csv, shear_ppl_vs_params.png, domain_weights_*.png")
+    print(f"wrote {args.out}/domain_weights_*.png")
 
 
 def cmd_zeroshot(args):
@@ -585,8 +616,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--schedule", default="plrd",
                    help="a preset (plrd, plrd-tpu, mistral-7b-3.1b, llama2-7b-3.3b) or budget fractions '0.9,0.75'")
     f.add_argument("--out", required=True, help="family directory (Orbax store, tables, plot)")
-    f.add_argument("--data", default="wikitext2-heal", help="healing text (see eval --data)")
-    f.add_argument("--eval-data", default="wikitext2-eval", help="evaluation text, disjoint from --data")
+    f.add_argument("--data", "--heal-data", dest="data", default=DEFAULT_HEAL_DATA,
+                   help="healing text: a source (see eval --data) or a weighted mixture A=w,B=w or a JSON file "
+                        "{source: weight} (default: the training splits of WikiText-2, books and speeches)")
+    f.add_argument("--calibration-data", default=None,
+                   help="text the decompositions calibrate on, a source or mixture (default: the healing text)")
+    f.add_argument("--eval-data", default=DEFAULT_EVAL_DATA,
+                   help="evaluation corpora, comma-separated, each disjoint from the healing and calibration text "
+                        "(default: the held-out splits of the healing domains, and tinyshakespeare and pydoc, "
+                        "which neither healing nor calibration sees)")
     f.add_argument("--data-dir", default=None, help="TFDS data_dir")
     f.add_argument("--eval-seq-len", type=int, default=512)
     f.add_argument("--eval-tokens", type=int, default=4096, help="evaluation windows: ceil(N / eval-seq-len)")
@@ -596,6 +634,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--grad-accum", type=int, default=None)
     f.add_argument("--lr", type=float, default=None)
     f.add_argument("--kd-weight", type=float, default=None, help="distillation weight (0 = cross-entropy only)")
+    f.add_argument("--kd-temperature", type=float, default=None, help="distillation temperature (default 1)")
+    f.add_argument("--kd-top-k", type=int, default=None,
+                   help="distil from the teacher's top-k logits per position only (default 0: all logits)")
+    f.add_argument("--teacher", choices=["parent", "previous"], default=None,
+                   help="who distils into each member: the parent, or the healed previous member")
     f.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="healing compute dtype")
     f.add_argument("--one-shot", action="store_true", help="every member straight from the parent")
     f.add_argument("--multiple-of", type=int, default=None, help="round ranks to a multiple of this")
@@ -624,10 +667,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sparse-method", choices=["auto", "scatter", "gather"], default="gather",
                    help="how the member applies S: gather (never a dense matrix), or by shape / via a dense "
                         "temporary (faster for long inputs on CPU)")
-    c.add_argument("--calibration-data", default="wikitext2-heal", help="disjoint from --eval-data")
+    c.add_argument("--calibration-data", default=DEFAULT_HEAL_DATA,
+                   help="a source or weighted mixture (A=w,B=w), disjoint from every --eval-data corpus")
     c.add_argument("--calibration-windows", type=int, default=32)
     c.add_argument("--calibration-seq-len", type=int, default=512)
-    c.add_argument("--eval-data", default="wikitext2-eval")
+    c.add_argument("--eval-data", default=DEFAULT_EVAL_DATA, help="evaluation corpora, comma-separated")
     c.add_argument("--eval-seq-len", type=int, default=512)
     c.add_argument("--eval-tokens", type=int, default=4096)
     c.add_argument("--data-dir", default=None, help="TFDS data_dir")
@@ -641,7 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="family directory (may already hold PLRD members)")
     s.add_argument("--target", action="append", default=None,
                    help="LAYERS,HIDDEN,HEADS,KV_HEADS,INTERMEDIATE (repeat for several members; replaces the preset's)")
-    s.add_argument("--domains", default=None, help="comma-separated domain names (local: wikitext, shakespeare, pydoc)")
+    s.add_argument("--domains", default=None,
+                   help="comma-separated domain names (local: wikitext, books, speeches, shakespeare, pydoc; "
+                        "default the preset's: wikitext, books, speeches)")
     s.add_argument("--source", default=None, help="NAME=SOURCE,... data source of a domain (file glob or tfds:NAME)")
     s.add_argument("--weights", default=None, help="initial domain weights, comma-separated, summing to 1")
     s.add_argument("--reference-losses", default=None,
@@ -657,7 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=None, help="model learning rate of both phases")
     s.add_argument("--temperature", type=float, default=None, help="hard-concrete β (code 2/3, paper 0.83)")
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
-    s.add_argument("--eval-data", default="wikitext2-eval", help="evaluation text, disjoint from every domain")
+    s.add_argument("--eval-data", default=DEFAULT_EVAL_DATA,
+                   help="evaluation corpora, comma-separated, disjoint from every domain")
     s.add_argument("--eval-seq-len", type=int, default=512)
     s.add_argument("--eval-tokens", type=int, default=4096)
     s.add_argument("--data-dir", default=None, help="TFDS data_dir")

@@ -8,6 +8,9 @@ Sources, by name (`load_documents`):
   wikitext2-test                 the whole WikiText-2 raw test file, one document
   wikitext2-heal, wikitext2-eval its two halves by article (below)
   tinyshakespeare                tiny-shakespeare, one document
+  books, books-heal, books-eval  six Project Gutenberg books (licence header and footer stripped) and their split
+  speeches, speeches-heal,       124 US State of the Union and inaugural addresses and their split (below)
+  speeches-eval
   tfds:<name>[:<split>]          a TensorFlow Datasets dataset (e.g. `tfds:c4/en`, split "train" by default),
                                  streamed in file order; `data_dir` is the TFDS data_dir (e.g. gs://bucket/tfds)
                                  and the dataset must already be prepared there
@@ -22,6 +25,16 @@ sub-headings ` = = X = = ` do not start one) and runs to the next article start.
 `wikitext2-heal` is the first n // 2 articles and `wikitext2-eval` the other n - n // 2, each its lines verbatim,
 so heal + eval is the whole test text and the halves are disjoint by construction. wiki.test.raw has 62 articles:
 31 + 31, with 153,986 + 147,962 of its 301,948 SmolLM2 tokens.
+
+Books and speeches, split by construction: each book is cut at the first line break after 90 % of its
+characters (`books-heal`: the heads, `books-eval`: the tails); the speeches, in file-name order (chronological
+within each collection, state-of-the-union before inaugural), go to `speeches-eval` when their index is 4 mod 5
+and to `speeches-heal` otherwise. So that a prefix of windows covers every document, each split is served as
+`interleave_chunks` of its documents: chunks of at least 2,000 characters ending at a paragraph (or line) break,
+taken round-robin across the documents, each chunk a document of its own.
+
+Mixtures (`parse_mixture`, `load_mixture`): `A=wa,B=wb,...` (weights default to 1) or a JSON file
+`{"A": wa, ...}`; each source is packed on its own and the windows are interleaved by weight (`interleave`).
 
 Tokens: the documents of a source are encoded one by one and joined by the tokenizer's `eos_token_id` (nothing
 when it is None); no BOS is added. `pack` cuts the stream into non-overlapping windows [N, seq_len] and drops the
@@ -43,7 +56,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -67,7 +80,25 @@ SHARED_FILES = {
     "tinyshakespeare": ("tinyshakespeare/input.txt",
                         "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
 }
-NAMED_SOURCES = ("pydoc", "tinyshakespeare", "wikitext2-test", "wikitext2-heal", "wikitext2-eval")
+# Multi-file corpora: folder -> {file: SHA-256} (books, one file each) or {subfolder: SHA-256 over the sorted
+# files, each its name's UTF-8 bytes then its content} (speeches), from the shared folder's README.
+BOOKS = {
+    "austen-pride-and-prejudice.txt": "0d1b2bf2e50f92b8b0be8b1a2588e815272a3cf7059422d26344ad77cbeb7068",
+    "doyle-sherlock-holmes.txt": "1623a1c3729c48210f3f7de69e840948e0e4caf4506bd78bc3ca1850a47a3efd",
+    "hamilton-madison-jay-federalist.txt": "8f5c908f36ba17b959ea83ec79764fa1e3835a4dd5fe28549096647268b0cb2a",
+    "melville-moby-dick.txt": "53b44c609f74f283ae062e3ec46ab29e64d208d4c42b66564b1d53900da364c8",
+    "shelley-frankenstein.txt": "81ed9a92e5356238bf1415351b0df9958440296321645a3e4d1614ee0e656116",
+    "smith-wealth-of-nations.txt": "0adec97745dad038c347299d7996f1ffb1af1727f9392097c560c7c07362f6f8",
+}
+SPEECHES = {
+    "state-of-the-union": "26753bf8b9284810fa75fb383e37e6dbcadba8d3bd503f0f347eb4135f7cbf84",
+    "inaugural": "a8b09c43fcab9c99e9764a6341cd45a95f7a8f24d361479612ad324bf609158b",
+}
+BOOK_EVAL_FRACTION = 0.1  # the tail of each book held out
+SPEECH_EVAL_EVERY = 5  # every 5th speech held out
+CHUNK_CHARS = 2000
+NAMED_SOURCES = ("pydoc", "tinyshakespeare", "wikitext2-test", "wikitext2-heal", "wikitext2-eval",
+                 "books", "books-heal", "books-eval", "speeches", "speeches-heal", "speeches-eval")
 FILE_SUFFIXES = (".txt", ".jsonl")
 ARTICLE_START = re.compile(r" = [^=](?:.*[^=])? = ")
 
@@ -85,10 +116,7 @@ def sha256_file(path: Path) -> str:
 
 def read_shared(name: str, data_dir: str | Path | None = None) -> str:
     """The text of shared corpus `name` (see `SHARED_FILES`) after checking its SHA-256."""
-    folder = Path(data_dir) if data_dir is not None else shared_data_dir()
-    if not folder.is_dir():
-        raise DataError(f"shared data folder {folder} not found; set PLRD_SHARED_DATA to the folder holding "
-                        f"{', '.join(sorted({p.split('/')[0] + '/' for p, _ in SHARED_FILES.values()}))}")
+    folder = _shared_folder(data_dir)
     rel, want = SHARED_FILES[name]
     path = folder / rel
     if not path.is_file():
@@ -98,6 +126,101 @@ def read_shared(name: str, data_dir: str | Path | None = None) -> str:
         raise DataError(f"{path}: SHA-256 {got} does not match {want} (shared/data/README.md); "
                         "the copy is corrupted or a different version")
     return _read_text(path)
+
+
+def _shared_folder(data_dir) -> Path:
+    folder = Path(data_dir) if data_dir is not None else shared_data_dir()
+    if not folder.is_dir():
+        raise DataError(f"shared data folder {folder} not found; set PLRD_SHARED_DATA to the folder holding "
+                        "wikitext-2-raw/, tinyshakespeare/, books/ and speeches/")
+    return folder
+
+
+def gutenberg_body(text: str) -> str:
+    """The text between a Project Gutenberg file's `*** START OF` and `*** END OF` lines (both dropped)."""
+    start = re.search(r"^\*\*\* START OF.*$", text, re.M)
+    end = re.search(r"^\*\*\* END OF.*$", text, re.M)
+    if not start or not end or end.start() < start.end():
+        raise DataError("not a Project Gutenberg text: no '*** START OF' / '*** END OF' lines")
+    return text[start.end():end.start()].strip("\n") + "\n"
+
+
+def read_books(data_dir: str | Path | None = None) -> list[str]:
+    """The six books' bodies (`gutenberg_body`), in file-name order, each checked against its SHA-256."""
+    folder = _shared_folder(data_dir) / "books"
+    docs = []
+    for name, want in sorted(BOOKS.items()):
+        path = folder / name
+        if not path.is_file():
+            raise DataError(f"source 'books': file {path} not found in the shared data folder")
+        if sha256_file(path) != want:
+            raise DataError(f"{path}: SHA-256 does not match {want} (shared/data/README.md)")
+        docs.append(gutenberg_body(_read_text(path)))
+    return docs
+
+
+def read_speeches(data_dir: str | Path | None = None) -> list[str]:
+    """Every speech, state-of-the-union then inaugural, each collection in file-name order and checked
+    against its SHA-256 (module docstring)."""
+    root = _shared_folder(data_dir) / "speeches"
+    docs = []
+    for sub in ("state-of-the-union", "inaugural"):
+        folder = root / sub
+        if not folder.is_dir():
+            raise DataError(f"source 'speeches': folder {folder} not found in the shared data folder")
+        h = hashlib.sha256()
+        for path in sorted(folder.iterdir(), key=lambda p: p.name):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+            docs.append(_read_text(path))
+        if h.hexdigest() != SPEECHES[sub]:
+            raise DataError(f"{folder}: SHA-256 over its files does not match {SPEECHES[sub]} (shared/data/README.md)")
+    return docs
+
+
+def split_at_line(text: str, fraction: float) -> tuple[str, str]:
+    """(head, tail) of `text` cut at the first line break at or after `fraction` of its characters."""
+    cut = text.find("\n", int(len(text) * fraction))
+    cut = len(text) if cut < 0 else cut + 1
+    return text[:cut], text[cut:]
+
+
+def interleave_chunks(docs: Sequence[str], chunk_chars: int = CHUNK_CHARS) -> list[str]:
+    """Each document cut into chunks of at least `chunk_chars` characters that end at a paragraph break
+    ("\\n\\n") when one comes within 4 × chunk_chars, else at a line break; then chunk 0 of every document,
+    chunk 1 of every document, ... The chunks, joined in document order, are the documents again."""
+    pieces = []
+    for doc in docs:
+        chunks, start = [], 0
+        while start < len(doc):
+            stop, width = doc.find("\n\n", start + chunk_chars), 2
+            if stop < 0 or stop - start > 4 * chunk_chars:
+                stop, width = doc.find("\n", start + chunk_chars), 1
+            stop = len(doc) if stop < 0 else stop + width
+            chunks.append(doc[start:stop])
+            start = stop
+        pieces.append(chunks)
+    return [chunks[i] for i in range(max(map(len, pieces), default=0)) for chunks in pieces if i < len(chunks)]
+
+
+def _split_source(name: str, data_dir) -> list[str]:
+    """Documents of books / speeches and their -heal / -eval splits (module docstring)."""
+    base, _, part = name.partition("-")
+    if base == "books":
+        docs = read_books(data_dir)
+        if part:
+            docs = [split_at_line(d, 1 - BOOK_EVAL_FRACTION)[part == "eval"] for d in docs]
+    else:
+        docs = read_speeches(data_dir)
+        if part:
+            held = [i % SPEECH_EVAL_EVERY == SPEECH_EVAL_EVERY - 1 for i in range(len(docs))]
+            docs = [d for d, h in zip(docs, held) if h == (part == "eval")]
+    return interleave_chunks(docs)
+
+
+def domain_of(source: str) -> str:
+    """The domain a source belongs to: its name without a -heal / -eval / -test split suffix."""
+    return re.sub(r"-(heal|eval|test)$", "", source)
 
 
 def wikitext_articles(text: str) -> list[str]:
@@ -126,6 +249,8 @@ def load_documents(name: str, data_dir: str | Path | None = None, text_field: st
         docs = ["\n\n".join(topics[k] for k in sorted(topics))]
     elif name in SHARED_FILES:
         docs = [read_shared(name, data_dir)]
+    elif domain_of(name) in ("books", "speeches") and name in NAMED_SOURCES:
+        docs = _split_source(name, data_dir)
     elif name in ("wikitext2-heal", "wikitext2-eval"):
         heal, evaluation = wikitext_halves(read_shared("wikitext2-test", data_dir))
         docs = [heal if name == "wikitext2-heal" else evaluation]
@@ -406,3 +531,130 @@ def load_dataset(source: str, tokenizer: Tokenizer, seq_len: int, data_dir: str 
     if text_field != "text":
         spec["text_field"] = text_field
     return TokenDataset(windows, spec)
+
+
+# ---- mixtures and evaluation corpora ------------------------------------------------------------
+def parse_mixture(spec: str | Mapping[str, float]) -> dict[str, float]:
+    """`A=wa,B=wb,...` (a weight defaults to 1), a JSON file `{"A": wa, ...}`, or a mapping → {source: weight},
+    weights positive (not normalized)."""
+    if isinstance(spec, Mapping):
+        items = list(spec.items())
+    elif spec.endswith(".json") and os.path.isfile(spec):
+        with open(spec) as f:
+            loaded = json.load(f)
+        if not isinstance(loaded, dict):
+            raise DataError(f"mixture file {spec}: expected a JSON object {{source: weight}}")
+        items = list(loaded.items())
+    else:
+        items = []
+        for part in spec.split(","):
+            name, sep, weight = part.strip().rpartition("=") if "=" in part else (part.strip(), "", "1")
+            try:
+                items.append((name.strip(), float(weight)))
+            except ValueError:
+                raise DataError(f"mixture {spec!r}: weight {weight!r} of {name!r} is not a number") from None
+    out: dict[str, float] = {}
+    for name, weight in items:
+        if not name:
+            raise DataError(f"mixture {spec!r} has an empty source name")
+        if name in out:
+            raise DataError(f"mixture {spec!r} names {name!r} twice")
+        if not float(weight) > 0:
+            raise DataError(f"mixture {spec!r}: weight of {name!r} must be positive, got {weight}")
+        out[name] = float(weight)
+    if not out:
+        raise DataError(f"mixture {spec!r} names no source")
+    return out
+
+
+def interleave(counts: Sequence[int], weights: Sequence[float]) -> np.ndarray:
+    """Deterministic weighted interleaving: source i's k-th item is due at time (k + 1) / w_i; items are taken in
+    order of due time (ties: lower i first) until some source would need an item beyond its count.
+    Returns the source index of each position; the share of source i tends to w_i / Σ w."""
+    times, owners = [], []
+    horizon = min((n + 1) / w for n, w in zip(counts, weights))
+    for i, (n, w) in enumerate(zip(counts, weights)):
+        t = (np.arange(n) + 1) / w
+        t = t[t < horizon]
+        times.append(t)
+        owners.append(np.full(len(t), i))
+    times, owners = np.concatenate(times), np.concatenate(owners)
+    order = np.lexsort((owners, times))
+    return owners[order]
+
+
+def load_mixture(spec: str | Mapping[str, float], tokenizer: Tokenizer, seq_len: int,
+                 data_dir: str | Path | None = None, max_windows: int | None = None,
+                 cache_dir: str | Path | None = None) -> TokenDataset:
+    """A weighted mixture of sources (`parse_mixture`) as one TokenDataset: each source packed on its own into
+    windows of `seq_len`, the windows interleaved by weight (`interleave`), the first `max_windows` kept.
+    A single unweighted source gives exactly `load_dataset(source)`. Streamed (`tfds:`) components need
+    max_windows; each then reads at most that many windows."""
+    sources = parse_mixture(spec)
+    if len(sources) == 1 and next(iter(sources.values())) == 1.0:
+        return load_dataset(next(iter(sources)), tokenizer, seq_len, data_dir, max_windows=max_windows,
+                            cache_dir=cache_dir)
+    parts = [load_dataset(name, tokenizer, seq_len, data_dir, max_windows=max_windows if name.startswith("tfds:")
+                          else None, cache_dir=cache_dir) for name in sources]
+    owners = interleave([len(p) for p in parts], list(sources.values()))[:max_windows]
+    taken = [0] * len(parts)
+    rows = []
+    for i in owners:
+        rows.append(parts[i].windows[taken[i]])
+        taken[i] += 1
+    windows = np.stack(rows)
+    spec_out = {"source": ",".join(f"{n}={w:g}" for n, w in sources.items()), "seq_len": seq_len,
+                "windows": len(windows), "tokens": int(windows.size), "tokenizer": parts[0].spec["tokenizer"],
+                "components": [{**p.spec, "weight": w, "windows_used": n}
+                               for p, w, n in zip(parts, sources.values(), taken)],
+                "max_windows": max_windows}
+    return TokenDataset(windows, spec_out)
+
+
+def load_corpora(names: str | Sequence[str], tokenizer: Tokenizer, seq_len: int, max_tokens: int,
+                 data_dir: str | Path | None = None, cache_dir: str | Path | None = None) -> dict[str, TokenDataset]:
+    """Evaluation corpora: each source (comma-separated names or a list) → the first ceil(max_tokens / seq_len)
+    windows of it. A corpus shorter than one window is an error naming it."""
+    names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    if not names or any(not n for n in names):
+        raise DataError(f"evaluation corpora {names!r}: give comma-separated source names")
+    if len(set(names)) != len(names):
+        raise DataError(f"evaluation corpora {','.join(names)} name a corpus twice")
+    out = {}
+    for name in names:
+        try:
+            out[name] = load_dataset(name, tokenizer, seq_len, data_dir, max_windows=-(-max_tokens // seq_len),
+                                     cache_dir=cache_dir)
+        except DataError as err:
+            raise DataError(f"evaluation corpus {name!r}: {err}") from None
+    return out
+
+
+def _long_lines(name: str, data_dir, min_chars: int = 30) -> set[int]:
+    return {hash(line) for doc in load_documents(name, data_dir) for line in
+            (x.strip() for x in doc.splitlines()) if len(line) >= min_chars}
+
+
+def check_disjoint(eval_names: Iterable[str], train_names: Iterable[str], data_dir: str | Path | None = None,
+                   max_shared: float = 0.02) -> None:
+    """Refuse an evaluation corpus that shares text with the calibration / healing sources: more than
+    `max_shared` of its lines of ≥ 30 characters also occur in them (a few stock phrases — "God bless America",
+    "To the People of the State of New York:" — recur across documents of one domain, so the bound is not 0).
+    Streamed (`tfds:`) sources are not checked."""
+    train = [n for n in train_names if not n.startswith("tfds:")]
+    if not train:
+        return
+    seen: set[int] = set()
+    for name in train:
+        seen |= _long_lines(name, data_dir)
+    for name in eval_names:
+        if name.startswith("tfds:"):
+            continue
+        if name in train:
+            raise DataError(f"evaluation corpus {name!r} is also calibration / healing text; evaluate on a disjoint "
+                            "split (e.g. wikitext2-eval beside wikitext2-heal)")
+        lines = _long_lines(name, data_dir)
+        shared = len(lines & seen) / max(len(lines), 1)
+        if shared > max_shared:
+            raise DataError(f"evaluation corpus {name!r} overlaps the calibration / healing text ({100 * shared:.0f} % "
+                            f"of its lines occur there: {', '.join(train)}); evaluate on a disjoint split")

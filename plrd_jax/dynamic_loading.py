@@ -22,7 +22,8 @@ import numpy as np
 from plrd_jax.data import window_order
 
 # Local domain name -> data source (plrd_jax.data.load_dataset).
-LOCAL_DOMAINS = {"wikitext": "wikitext2-heal", "shakespeare": "tinyshakespeare", "pydoc": "pydoc"}
+LOCAL_DOMAINS = {"wikitext": "wikitext2-heal", "books": "books-heal", "speeches": "speeches-heal",
+                 "shakespeare": "tinyshakespeare", "pydoc": "pydoc"}
 
 
 class DomainError(ValueError):

@@ -101,3 +101,29 @@ def perplexity(model: ModelConfig | ApplyFn, params, windows: np.ndarray, batch_
     tokens = n * (seq_len - 1)
     nll = total / tokens
     return Perplexity(seq_len=seq_len, windows=n, tokens=tokens, nll=nll, ppl=math.exp(nll) if nll < 700 else math.inf)
+
+
+def perplexities(model: ModelConfig | ApplyFn, params, corpora, batch_size: int = 8,
+                 progress: Callable[[str, int, int], None] | None = None) -> dict[str, Perplexity]:
+    """`perplexity` on each corpus of `corpora` {name: windows [N, T]}, in order; progress(name, done, total)."""
+    return {name: perplexity(model, params, windows, batch_size=batch_size,
+                             progress=None if progress is None else functools.partial(progress, name))
+            for name, windows in corpora.items()}
+
+
+def geometric_mean(values) -> float:
+    """(Π x_i)^(1/n) computed in log space; the summary statistic of per-corpus PPL ratios to the parent."""
+    values = np.asarray(list(values), np.float64)
+    if values.size == 0:
+        raise ValueError("geometric mean of no values")
+    return float(np.exp(np.mean(np.log(values))))
+
+
+def ratios_to_parent(ppl: dict[str, float], parent_ppl: dict[str, float]) -> dict[str, float]:
+    """corpus -> PPL / the parent's PPL on that corpus."""
+    return {name: ppl[name] / parent_ppl[name] for name in ppl}
+
+
+def geomean_ratio(ppl: dict[str, float], parent_ppl: dict[str, float]) -> float:
+    """Geometric mean over the corpora of PPL / parent PPL: one number for "how far from the parent"."""
+    return geometric_mean(ratios_to_parent(ppl, parent_ppl).values())

@@ -74,13 +74,23 @@ class Schedule:
     decomposition: str = "svd"
     allocation: str = "uniform"
     calibration_windows: int = 32
+    # Who distils into member k when heal.kd_weight > 0: "parent", or "previous" (the healed member k − 1; the
+    # parent for member 0).
+    teacher: str = "parent"
     heal: HealConfig = HealConfig(lr=2e-4, warmup_steps=2, total_steps=2)  # total_steps set per stage
+
+    def __post_init__(self):
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"unknown teacher {self.teacher!r}; expected one of {', '.join(TEACHERS)}")
 
     def steps(self, stage: Stage) -> int:
         return stage.heal_tokens // (self.batch_size * self.seq_len * self.heal.grad_accum)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+TEACHERS = ("parent", "previous")
 
 
 def _stages(fractions, tokens, prefix="plrd"):
@@ -109,12 +119,14 @@ def fingerprint(obj) -> str:
 
 @dataclasses.dataclass
 class MemberResult:
+    """One finished member. ppl_before / ppl_after: evaluation corpus -> PPL before / after healing."""
+
     member: int
     name: str
     params: int
     fraction: float
-    ppl_before: float
-    ppl_after: float
+    ppl_before: dict[str, float]
+    ppl_after: dict[str, float]
     tokens: int
     wall_s: float
     ranks: dict[str, int]
@@ -125,14 +137,25 @@ def _ranks(config: ModelConfig) -> dict[str, int]:
 
 
 def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule: Schedule, heal_data,
-               eval_windows: np.ndarray, store: FamilyStore, *, mesh_shape=(1, -1, 1), save_every: int = 0,
-               eval_batch_size: int = 4, seed: int = 0, data_spec: dict | None = None,
+               eval_sets, store: FamilyStore, *, calibration_windows: np.ndarray | None = None,
+               mesh_shape=(1, -1, 1), save_every: int = 0, eval_batch_size: int = 4, seed: int = 0,
+               data_spec: dict | None = None,
                on_event: Callable[[str, dict], None] = lambda kind, info: None) -> list[MemberResult]:
-    """Build (or finish building) the family in `store`. heal_data: a TokenDataset with seq_len
-    schedule.seq_len; eval_windows [N, T]. on_event(kind, info) reports progress ("stage", "step", "eval",
-    "member"); the library never prints. Returns one MemberResult per stage."""
+    """Build (or finish building) the family in `store`.
+
+    heal_data: a TokenDataset with seq_len schedule.seq_len; eval_sets: {corpus name: windows [N, T]} (every
+    member and the parent are scored on each; a bare [N, T] array is the corpus "eval");
+    calibration_windows [C, T']: the text the decompositions calibrate on (default: the first
+    `schedule.calibration_windows` healing windows). on_event(kind, info) reports progress ("parent", "stage",
+    "step", "eval", "member"); the library never prints. Returns one MemberResult per stage; the parent's PPL
+    per corpus is in every member's metadata ("parent_ppl").
+    """
     if heal_data.seq_len != schedule.seq_len:
         raise ValueError(f"heal data windows are {heal_data.seq_len} tokens, the schedule wants {schedule.seq_len}")
+    if not isinstance(eval_sets, dict):
+        eval_sets = {"eval": np.asarray(eval_sets)}
+    if calibration_windows is None:
+        calibration_windows = heal_data.windows[:schedule.calibration_windows]
     mesh = make_mesh(mesh_shape)
     parent_count = count_params(parent_params)
     run_id = fingerprint({"parent": parent, "schedule": schedule.to_dict(), "data": data_spec, "seed": seed,
@@ -142,11 +165,16 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
     if any(existing[s].get("run") != run_id for s in mine):
         raise StoreError(f"{store.directory} holds checkpoints of another family run (different parent, schedule "
                          "or data); choose a new --out directory")
+    parent_ppl = next((existing[s]["parent_ppl"] for s in mine if "parent_ppl" in existing[s]), None)
+    if parent_ppl is None:
+        parent_ppl = _eval(parent_config, parent_params, eval_sets, eval_batch_size, on_event, "parent", -1)
+    on_event("parent", {"ppl": parent_ppl, "params": parent_count})
     steps = [schedule.steps(s) for s in schedule.stages]
     starts = np.cumsum([0] + [n + 1 for n in steps])[:-1].tolist()
-    teacher_params = None
-    if schedule.heal.kd_weight > 0:
-        teacher_params = jax.device_put(parent_params, param_shardings(parent_params, mesh))
+    use_teacher = schedule.heal.kd_weight > 0
+    placed_parent = None
+    if use_teacher:
+        placed_parent = jax.device_put(parent_params, param_shardings(parent_params, mesh))
     parent_stats = None  # one-shot members all calibrate on the parent: once is enough
     results, prev_config, prev_params = [], parent_config, parent_params
     saved = mine
@@ -159,7 +187,7 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
             params, _ = store.restore(final, abstract_params(config))
             results.append(MemberResult(**meta["result"]))
             prev_config, prev_params = config, params
-            on_event("member", {"result": results[-1], "restored": True})
+            on_event("member", {"result": results[-1], "restored": True, "parent_ppl": parent_ppl})
             continue
         t0 = time.perf_counter()
         resume = max((s for s in saved if start <= s < final), default=None)
@@ -190,23 +218,28 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
             if plan.decomposition.needs_stats or schedule.allocation != "uniform":
                 stats = parent_stats
                 if stats is None:
-                    stats = calibrate(source_config, source_params,
-                                      heal_data.windows[:schedule.calibration_windows],
+                    stats = calibrate(source_config, source_params, calibration_windows,
                                       fisher=plan.decomposition.needs_fisher)
                     parent_stats = None if schedule.progressive else stats
             params, config, decomposition_report = compress(source_params, plan, source_config,
                                                             allocation=schedule.allocation, stats=stats)
             shardings = param_shardings(params, mesh)
-            ppl_before = _eval(config, params, eval_windows, eval_batch_size, on_event, "before", k)
+            ppl_before = _eval(config, params, eval_sets, eval_batch_size, on_event, "before", k)
             state = init_train_state(params, heal, mesh, shardings)
             elapsed, t_done = 0.0, 0
         base_meta = {"member": k, "name": stage.name, "method": "plrd", "run": run_id, "parent": parent,
                      "schedule": schedule.to_dict(), "data": data_spec, "config": config.to_dict(),
                      "params": count_params(state.params), "compression": count_params(state.params) / parent_count,
-                     "ppl_before": ppl_before, "decomposition_report": decomposition_report}
+                     "ppl_before": ppl_before, "parent_ppl": parent_ppl,
+                     "decomposition_report": decomposition_report}
         if n_steps > t_done:
-            step_fn = make_heal_step(config, heal, mesh, shardings,
-                                     teacher=parent_config if teacher_params is not None else None)
+            teacher_config, teacher_params = None, None
+            if use_teacher:
+                teacher_config, teacher_params = parent_config, placed_parent
+                if schedule.teacher == "previous" and k > 0:
+                    teacher_config = prev_config
+                    teacher_params = jax.device_put(prev_params, param_shardings(prev_params, mesh))
+            step_fn = make_heal_step(config, heal, mesh, shardings, teacher=teacher_config)
             tokens_per_step = schedule.batch_size * schedule.seq_len * heal.grad_accum
             for t in range(t_done, n_steps):
                 batch = heal_data.batch_at(_data_step(k, t, steps), schedule.batch_size * heal.grad_accum, seed)
@@ -221,7 +254,7 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
                         **base_meta, "step": start + t + 1, "final": False, "tokens": (t + 1) * tokens_per_step,
                         "wall_s": elapsed + time.perf_counter() - t0}, opt_state=state.opt_state)
         params = state.params
-        ppl_after = _eval(config, params, eval_windows, eval_batch_size, on_event, "after", k) if n_steps else ppl_before
+        ppl_after = _eval(config, params, eval_sets, eval_batch_size, on_event, "after", k) if n_steps else ppl_before
         count = count_params(params)
         result = MemberResult(k, stage.name, count, count / parent_count, ppl_before, ppl_after,
                               n_steps * schedule.batch_size * schedule.seq_len * heal.grad_accum,
@@ -230,7 +263,7 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
                                    "wall_s": result.wall_s, "ppl_after": ppl_after,
                                    "result": dataclasses.asdict(result)})
         results.append(result)
-        on_event("member", {"result": result, "restored": False})
+        on_event("member", {"result": result, "restored": False, "parent_ppl": parent_ppl})
         prev_config, prev_params = config, params
     return results
 
@@ -244,7 +277,11 @@ def _data_step(member: int, step: int, steps: list[int]) -> int:
     return sum(steps[:member]) + step
 
 
-def _eval(config, params, windows, batch_size, on_event, when, member):
-    result = perplexity(config, params, windows, batch_size=batch_size)
-    on_event("eval", {"member": member, "when": when, **result.to_dict()})
-    return result.ppl
+def _eval(config, params, eval_sets, batch_size, on_event, when, member) -> dict[str, float]:
+    """corpus -> PPL of the model on each evaluation corpus; one "eval" event per corpus."""
+    out = {}
+    for name, windows in eval_sets.items():
+        result = perplexity(config, params, windows, batch_size=batch_size)
+        on_event("eval", {"member": member, "when": when, "corpus": name, **result.to_dict()})
+        out[name] = result.ppl
+    return out

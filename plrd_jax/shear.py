@@ -306,7 +306,8 @@ def _phase(base: HealConfig, steps: int, warmup_fraction: float) -> HealConfig:
     return base.replace(total_steps=n, warmup_steps=min(n, int(round(warmup_fraction * n))))
 
 
-LOCAL = dl.Domains(("wikitext", "shakespeare", "pydoc"), (0.5, 0.25, 0.25), update_every=5)
+# The family's healing mixture (tiny-shakespeare and pydoc stay unseen, for evaluation).
+LOCAL = dl.Domains(("wikitext", "books", "speeches"), (1 / 3, 1 / 3, 1 / 3), update_every=5)
 REDPAJAMA = ("cc", "github", "book", "stackexchange", "wiki", "arxiv", "c4")
 REDPAJAMA_WEIGHTS = (0.67, 0.045, 0.045, 0.02, 0.045, 0.025, 0.15)
 # Per-domain reference losses from the paper's scaling-law fits (LLM-Shearing scripts/pruning.sh).
@@ -345,8 +346,8 @@ class ShearResult:
     name: str
     params: int
     fraction: float
-    ppl_before: float  # the pruned model before continued training
-    ppl_after: float
+    ppl_before: dict[str, float]  # corpus -> PPL of the pruned model before continued training
+    ppl_after: dict[str, float]
     tokens: int  # pruning + continued-training tokens
     wall_s: float
     shape: dict[str, int]
@@ -383,17 +384,19 @@ def check_run(parent_config: ModelConfig, schedule: ShearSchedule, domain_window
 
 
 def run_shear(parent: str, parent_config: ModelConfig, parent_params, schedule: ShearSchedule,
-              domain_windows: Mapping[str, np.ndarray], eval_windows: np.ndarray, store: FamilyStore, *,
+              domain_windows: Mapping[str, np.ndarray], eval_windows, store: FamilyStore, *,
               mesh_shape=(1, -1, 1), save_every: int = 0, eval_batch_size: int = 4, seed: int = 0,
               data_spec: dict | None = None,
               on_event: Callable[[str, dict], None] = lambda kind, info: None) -> list[ShearResult]:
     """Build (or finish building) the Sheared members of `schedule` in `store`.
 
     domain_windows: name -> packed windows [N, seq_len] (the last `validation_windows` of each are held out for
-    its validation loss); eval_windows [N, T]: the text every member's PPL is reported on, disjoint from all of
-    them. on_event(kind, info): "stage", "step", "weights", "eval", "member" (the library never prints).
+    its validation loss); eval_windows: {corpus: windows [N, T]} (or one [N, T] array, the corpus "eval"): the
+    text every member's PPL is reported on, disjoint from all of them. on_event(kind, info): "stage", "step", "weights", "eval", "member" (the library never prints).
     """
     targets = check_run(parent_config, schedule, domain_windows)
+    if not isinstance(eval_windows, dict):
+        eval_windows = {"eval": np.asarray(eval_windows)}
     names = schedule.domains.names
     split = [dl.split_validation(np.asarray(domain_windows[n]), schedule.validation_windows, n) for n in names]
     train_windows, validation = [s[0] for s in split], [s[1] for s in split]
@@ -557,7 +560,10 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def _eval(config, params, windows, batch_size, event, when):
-    result = perplexity(config, params, windows, batch_size=batch_size)
-    event("eval", when=when, **result.to_dict())
-    return result.ppl
+def _eval(config, params, eval_sets, batch_size, event, when) -> dict[str, float]:
+    out = {}
+    for name, windows in eval_sets.items():
+        result = perplexity(config, params, windows, batch_size=batch_size)
+        event("eval", when=when, corpus=name, **result.to_dict())
+        out[name] = result.ppl
+    return out

@@ -78,14 +78,19 @@ def _number(x) -> float | None:
     return None if x is None else float(x)
 
 
+def _first(x) -> float:
+    """A PPL, or the first corpus's of a {corpus: PPL} record (the family's in-domain WikiText-2 evaluation)."""
+    return float(next(iter(x.values())) if isinstance(x, dict) else x)
+
+
 def _ppl(meta: dict[str, Any]) -> float | None:
     for key in ("ppl_after", "eval_ppl"):
         if meta.get(key) is not None:
-            return float(meta[key])
+            return _first(meta[key])
     result = meta.get("result") or {}
     for key in ("ppl_after", "eval_ppl"):
         if result.get(key) is not None:
-            return float(result[key])
+            return _first(result[key])
     evals = meta.get("evals") or []
     return float(evals[-1]["ppl"]) if evals else None
 

@@ -1,4 +1,5 @@
-"""Healing: the losses (next-token cross-entropy, distillation), the optimizer and one jitted, sharded step.
+"""Healing: the losses (next-token cross-entropy, distillation on full or top-k logits), the optimizer and
+one jitted, sharded step.
 
 A step takes `grad_accum` micro-batches of packed tokens `(accum, B, T)`, averages the loss
 `(1 − w)·CE + w·KD` and its gradient over them with `jax.lax.scan`, clips the global gradient norm and applies
@@ -56,6 +57,84 @@ def distill_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperatu
     return temperature ** 2 * _mean_over_targets(kl[:, :-1], mask)
 
 
+def _top_k_mask(indices: jax.Array, vocab: int) -> jax.Array:
+    """(..., V) bool, True at the `indices` (..., k) of each row."""
+    lead = indices.shape[:-1]
+    flat = indices.reshape(-1, indices.shape[-1])
+    rows = jax.vmap(lambda i: jnp.zeros((vocab,), bool).at[i].set(True))(flat)
+    return rows.reshape(*lead, vocab)
+
+
+def _kl_terms(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """p · (log p − log q), 0 where p = 0 (log p = −inf), with no NaN in the value or the gradient."""
+    has = log_p > -jnp.inf
+    safe = jnp.where(has, log_p, 0.0)
+    return jnp.where(has, jnp.exp(safe) * (safe - log_q), 0.0)
+
+
+def teacher_top_k(teacher_logits: jax.Array, k: int, temperature: float = 1.0
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The teacher's top-k summary at temperature T: (indices (..., k) int32, log p_j of those tokens (..., k),
+    log p_rest (...)), p = softmax(teacher/T) in float32 and p_rest = 1 − Σ_top p_j, the mass of the other V − k
+    tokens. What a distillation run stores instead of the full (..., V) logits.
+
+    log p_rest is log Σ_{j∉top} exp(t_j) − log Σ_j exp(t_j), a logsumexp over the complement (the top-k logits
+    masked to −inf), so it stays accurate when the top-k mass rounds to 1 in float32 (log1p(−Σ p_top) would give
+    −inf there). k = V gives log p_rest = −inf (an empty rest).
+    """
+    vocab = teacher_logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"top-k distillation needs 1 <= k <= vocab size {vocab}, got k={k}")
+    t = teacher_logits.astype(jnp.float32) / temperature
+    top, indices = jax.lax.top_k(t, k)
+    log_z = jax.nn.logsumexp(t, axis=-1)
+    if k == vocab:
+        log_rest = jnp.full(log_z.shape, -jnp.inf, jnp.float32)
+    else:
+        log_rest = jax.nn.logsumexp(jnp.where(_top_k_mask(indices, vocab), -jnp.inf, t), axis=-1) - log_z
+    return indices.astype(jnp.int32), top - log_z[..., None], log_rest
+
+
+def sparse_distill_loss(student_logits: jax.Array, indices: jax.Array, teacher_log_probs: jax.Array,
+                        teacher_log_rest: jax.Array, temperature: float = 1.0,
+                        mask: jax.Array | None = None) -> jax.Array:
+    """T² · mean over b, t < T−1 of KL(p̃‖q̃) over the k + 1 buckets "token j" (j in `indices`) and "the rest".
+
+    The teacher side comes as `teacher_top_k` gives it (indices (B, T, k), log p_j (B, T, k), log p_rest (B, T));
+    q̃ is the student's softmax(student/T) on the same k tokens plus its own remaining mass
+    q_rest = 1 − Σ_top q_j = Σ_{j∉top} q_j, taken as a logsumexp over the complement (the k tokens masked to
+    −inf), in float32. A rest bucket whose teacher mass is 0 adds 0 (and no NaN gradient); with k = V there is
+    no rest bucket and this is `distill_loss`. Positions and mask as in `distill_loss`.
+    """
+    s = student_logits.astype(jnp.float32) / temperature
+    vocab, k = s.shape[-1], indices.shape[-1]
+    log_z = jax.nn.logsumexp(s, axis=-1)
+    log_q = jnp.take_along_axis(s, indices, axis=-1) - log_z[..., None]
+    kl = jnp.sum(_kl_terms(teacher_log_probs.astype(jnp.float32), log_q), axis=-1)
+    if k < vocab:
+        log_q_rest = jax.nn.logsumexp(jnp.where(_top_k_mask(indices, vocab), -jnp.inf, s), axis=-1) - log_z
+        kl = kl + _kl_terms(teacher_log_rest.astype(jnp.float32), log_q_rest)
+    return temperature ** 2 * _mean_over_targets(kl[:, :-1], mask)
+
+
+def distill_top_k_loss(student_logits: jax.Array, teacher_logits: jax.Array, k: int, temperature: float = 1.0,
+                       mask: jax.Array | None = None) -> jax.Array:
+    """Top-k distillation: T² · mean over b, t < T−1 of KL(p̃‖q̃), in float32, logits (B, T, V).
+
+    With p = softmax(teacher/T), q = softmax(student/T) and S the teacher's k most likely tokens at (b, t):
+
+        p̃ = (p_j for j in S, p_rest = 1 − Σ_{j∈S} p_j),   q̃ = (q_j for j in S, q_rest = 1 − Σ_{j∈S} q_j)
+        KL(p̃‖q̃) = Σ_{j∈S} p_j log(p_j / q_j) + p_rest log(p_rest / q_rest)
+
+    Only the teacher's top-k logits (and its rest mass) are used, as in sparse KD from stored teacher logits
+    (`teacher_top_k` + `sparse_distill_loss`). By the log-sum inequality KL(p̃‖q̃) ≤ KL(p‖q), with equality
+    at k = V (= `distill_loss`); its gradient pushes the student's top-k probabilities to the teacher's and
+    its rest mass to the teacher's, without shaping the distribution inside the rest.
+    """
+    indices, log_p, log_rest = teacher_top_k(jax.lax.stop_gradient(teacher_logits), k, temperature)
+    return sparse_distill_loss(student_logits, indices, log_p, log_rest, temperature, mask)
+
+
 # ---- optimizer ------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class HealConfig:
@@ -73,6 +152,7 @@ class HealConfig:
     grad_accum: int = 1  # micro-batches per step
     kd_weight: float = 0.0  # loss = (1 − w)·CE + w·KD; 0 = cross-entropy only
     kd_temperature: float = 1.0
+    kd_top_k: int = 0  # KD on the teacher's top-k tokens + a rest bucket (`distill_top_k_loss`); 0 = full logits
     dtype: str = "float32"  # compute dtype; params stay float32
 
     def __post_init__(self):
@@ -83,6 +163,8 @@ class HealConfig:
             raise ValueError(f"kd_weight {self.kd_weight} must lie in [0, 1]")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum {self.grad_accum} must be >= 1")
+        if isinstance(self.kd_top_k, bool) or int(self.kd_top_k) != self.kd_top_k or self.kd_top_k < 0:
+            raise ValueError(f"kd_top_k {self.kd_top_k} must be an integer >= 0 (0 = distill on the full logits)")
         if self.kd_temperature <= 0:
             raise ValueError(f"kd_temperature {self.kd_temperature} must be positive")
         if self.dtype not in DTYPES:
@@ -203,11 +285,15 @@ def make_heal_step(model_config: ModelConfig, heal_config: HealConfig, mesh: Mes
     without a teacher.
     metrics: loss, ce, kd (0 without a teacher), grad_norm (before clipping), lr (of this step), all float32
     scalars averaged over the micro-batches. The input state is donated. When a teacher config is given its
-    logits are computed in the step (no gradient) and KD is reported; kd_weight > 0 requires one.
+    logits are computed in the step (no gradient) and KD is reported; kd_weight > 0 requires one. KD is
+    `distill_loss` on the full logits, or `distill_top_k_loss` on the teacher's top kd_top_k tokens when
+    kd_top_k > 0 (at most the teacher's vocab size).
     """
     h = heal_config
     if h.kd_weight > 0 and teacher is None:
         raise ValueError(f"kd_weight {h.kd_weight} > 0 needs a teacher config (and teacher_params in the step)")
+    if teacher is not None and h.kd_top_k > teacher.vocab_size:
+        raise ValueError(f"kd_top_k {h.kd_top_k} exceeds the teacher's vocab size {teacher.vocab_size}")
     student = Decoder(model_config.replace(dtype=h.dtype))
     teacher_model = None if teacher is None else Decoder(teacher.replace(dtype=h.dtype))
     optimizer, schedule = make_optimizer(h), learning_rate_schedule(h)
@@ -227,7 +313,9 @@ def make_heal_step(model_config: ModelConfig, heal_config: HealConfig, mesh: Mes
         if teacher_model is not None:
             with shard_activations(mesh, rules):
                 teacher_logits = teacher_model.apply({"params": teacher_params}, tokens)
-            kd = distill_loss(logits, jax.lax.stop_gradient(teacher_logits), h.kd_temperature)
+            teacher_logits = jax.lax.stop_gradient(teacher_logits)
+            kd = (distill_top_k_loss(logits, teacher_logits, int(h.kd_top_k), h.kd_temperature) if h.kd_top_k
+                  else distill_loss(logits, teacher_logits, h.kd_temperature))
         return (1.0 - h.kd_weight) * ce + h.kd_weight * kd, (ce, kd)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)

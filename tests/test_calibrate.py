@@ -113,6 +113,22 @@ def test_stats_are_sharded_like_the_kernel_inputs(parent):
         assert s.xtx.sharding.is_equivalent_to(want[path].xtx, 2)
 
 
+@pytest.mark.parametrize("fisher", [False, True])
+def test_paths_restrict_the_statistics_to_those_linears(parent, fisher):
+    _, config, params = parent
+    full = calibrate(config, params, WINDOWS[:3], batch_size=2, fisher=fisher)
+    paths = ["layers_1/mlp/down", "layers_1/attn/q", "layers_1/attn/k"]
+    some = calibrate(config, params, WINDOWS[:3], batch_size=2, fisher=fisher, paths=paths)
+    assert set(some) == set(paths)
+    for path, s in some.items():
+        for got, want in zip(s, full[path]):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()), err_msg=path)
+    with pytest.raises(ValueError, match="no Linear at 'layers_7/attn/q'"):
+        calibrate(config, params, WINDOWS[:2], paths=["layers_1/attn/q", "layers_7/attn/q"])
+    with pytest.raises(ValueError, match="empty path list"):
+        calibrate(config, params, WINDOWS[:2], paths=[])
+
+
 def test_rejects_bad_windows(parent):
     _, config, params = parent
     with pytest.raises(ValueError, match="windows must be"):

@@ -233,3 +233,75 @@ def test_errors_name_what_is_wrong(tmp_path, monkeypatch):
         data.load_documents("tfds:c4/en")
     with pytest.raises(DataError, match="needs max_windows"):
         data.load_dataset("tfds:c4/en", tok, seq_len=8)
+
+
+# ---- mixtures, splits and evaluation corpora ----------------------------------------------------------
+def test_interleave_follows_the_weights_and_stops_when_a_source_runs_out():
+    owners = data.interleave([100, 100, 100], [2.0, 1.0, 1.0])
+    counts = np.bincount(owners, minlength=3)
+    assert counts[0] == 100 and counts[1] == counts[2] == 50  # source 0 ran out first, at twice the others' rate
+    # every prefix is within one window of the weights' shares
+    for n in (4, 10, 37, 200):
+        c = np.bincount(owners[:n], minlength=3)
+        assert np.all(np.abs(c - n * np.array([0.5, 0.25, 0.25])) <= 1.0), (n, c)
+
+
+def test_a_mixture_packs_each_source_alone_and_interleaves_their_windows(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("a" * 40)
+    b.write_text("b" * 80)
+    mix = data.load_mixture(f"{a}=1,{b}=1", CharTokenizer(), 8)
+    # a: 5 windows, b: 10; equal weights alternate a, b until a runs out
+    assert [chr(w[0] - 1) for w in mix.windows] == ["a", "b"] * 5
+    assert [c["windows_used"] for c in mix.spec["components"]] == [5, 5]
+    assert all(c["text_sha256"] for c in mix.spec["components"])
+    single = data.load_mixture(str(a), CharTokenizer(), 8)
+    np.testing.assert_array_equal(single.windows, data.load_dataset(str(a), CharTokenizer(), 8).windows)
+    (tmp_path / "mix.json").write_text(json.dumps({str(a): 1, str(b): 3}))
+    assert data.parse_mixture(str(tmp_path / "mix.json")) == {str(a): 1.0, str(b): 3.0}
+    for bad, message in ((f"{a}=0", "must be positive"), (f"{a}=x", "not a number"), (f"{a},{a}", "twice")):
+        with pytest.raises(DataError, match=message):
+            data.parse_mixture(bad)
+
+
+def test_interleave_chunks_round_robins_and_loses_nothing():
+    docs = ["A" * 10 + "\n\n" + "A" * 10 + "\n", "B" * 3 + "\n", "C" * 8 + "\n\n" + "C\n"]
+    chunks = data.interleave_chunks(docs, chunk_chars=5)
+    assert [c[0] for c in chunks] == ["A", "B", "C", "A", "C"]
+    assert "".join(c for c in chunks if c[0] == "A") == docs[0]
+    assert "".join(c for c in chunks if c[0] == "C") == docs[2]
+
+
+def _needs_shared_folder(name):
+    if not (data.shared_data_dir() / name).is_dir():
+        pytest.skip(f"shared corpus folder {name} is absent (set PLRD_SHARED_DATA to the shared data folder)")
+
+
+@pytest.mark.parametrize("corpus", ["books", "speeches"])
+def test_book_and_speech_splits_are_disjoint_and_cover_the_corpus(corpus):
+    _needs_shared_folder(corpus)
+    whole = data.load_text(corpus)
+    heal, held = data.load_documents(f"{corpus}-heal"), data.load_documents(f"{corpus}-eval")
+    assert sum(map(len, heal)) + sum(map(len, held)) == sum(map(len, data.load_documents(corpus)))
+    assert 0.05 < sum(map(len, held)) / len(whole) < 0.3
+    if corpus == "books":  # no licence text survives
+        assert "*** START OF" not in whole and "*** END OF" not in whole and "Gutenberg License" not in whole
+    data.check_disjoint([f"{corpus}-eval"], [f"{corpus}-heal"])  # disjoint by construction: no error
+    with pytest.raises(DataError, match=f"'{corpus}' overlaps"):
+        data.check_disjoint([corpus], [f"{corpus}-heal"])
+
+
+def test_evaluation_corpora_errors_name_the_corpus(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    with pytest.raises(DataError, match="evaluation corpus .*short.txt.*fewer than one window"):
+        data.load_corpora(f"pydoc,{short}", CharTokenizer(), 64, max_tokens=128)
+    with pytest.raises(DataError, match="twice"):
+        data.load_corpora("pydoc,pydoc", CharTokenizer(), 64, max_tokens=128)
+    with pytest.raises(DataError, match="is also calibration / healing text"):
+        data.check_disjoint(["pydoc"], ["pydoc"])
+    copy = tmp_path / "copy.txt"
+    copy.write_text(data.load_text("pydoc")[:20000])
+    with pytest.raises(DataError, match="copy.txt' overlaps the calibration / healing text"):
+        data.check_disjoint([str(copy)], ["pydoc"])
+    assert data.domain_of("books-eval") == data.domain_of("books-heal") == "books"

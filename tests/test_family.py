@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import subprocess
 import sys
@@ -32,7 +33,8 @@ def test_progressive_family_then_kill_and_resume_gives_bitwise_the_same_members(
     members = store.members()
     assert [m["name"] for m in members] == ["a", "b"]
     for m in members:  # healing lowered the loss on held-out text, sizes shrink
-        assert m["ppl_after"] < m["ppl_before"]
+        assert m["ppl_after"]["eval"] < m["ppl_before"]["eval"]  # a bare array is the corpus "eval"
+        assert set(m["parent_ppl"]) == {"eval"}
     assert members[1]["params"] < members[0]["params"]
     assert members[1]["config"]["linears"]["layers_0/mlp/up"]["rank"] == 12  # 0.25 · 48
 
@@ -62,3 +64,51 @@ def test_budget_fractions_on_the_command_line_keep_the_plrd_preset_settings():
     assert not schedule.progressive
     assert family_schedule(build_parser().parse_args(["family", "--out", "x", "--schedule", "0.5",
                                                       "--decomposition", "svd"])).decomposition == "svd"
+
+
+def test_members_are_scored_on_every_corpus_and_the_previous_member_can_teach(tmp_path):
+    """Each member's PPL per corpus equals an independent `perplexity` of the stored member on that corpus, the
+    parent's PPL is recorded beside it, and distilling from the previous member runs the teacher it names."""
+    from family_run import CONFIG, SCHEDULE, tiny_data
+
+    from plrd_jax.evaluate import perplexity
+    from plrd_jax.family import run_family
+    from plrd_jax.model import init_params
+    from plrd_jax.store import load_member
+
+    heal, evals = tiny_data()
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, CONFIG.vocab_size, (4, 32)).astype(np.int32)  # a corpus unlike the healing text
+    corpora = {"periodic": evals, "noise": noise}
+    schedule = dataclasses.replace(SCHEDULE, teacher="previous", heal=SCHEDULE.heal.replace(kd_weight=0.5))
+    params = init_params(CONFIG)
+    kd = {}
+    store = FamilyStore(tmp_path / "fam")
+    results = run_family("tiny", CONFIG, params, schedule, heal, corpora, store,
+                         on_event=lambda kind, info: kd.setdefault(info["member"], info["kd"]) if kind == "step"
+                         else None)
+    store.close()
+    # Member 1's first distillation term, computed independently: member 0 as stored is the teacher, the
+    # student is member 0 cut to member 1's ranks, on member 1's first batch.
+    from plrd_jax.family import _data_step
+    from plrd_jax.model import Decoder, count_params
+    from plrd_jax.train import distill_loss
+    from plrd_jax.transforms.allocate import compress
+
+    config0, member0, _ = load_member(f"{tmp_path / 'fam'}:0")
+    plan = dataclasses.replace(schedule.stages[1].plan(count_params(params), schedule.matrices),
+                               decomposition=schedule.decomposition)
+    student, student_config, _ = compress(member0, plan, config0)
+    batch = heal.batch_at(_data_step(1, 0, [schedule.steps(s) for s in schedule.stages]), schedule.batch_size, 0)
+    want = distill_loss(Decoder(student_config).apply({"params": student}, batch),
+                        Decoder(config0).apply({"params": member0}, batch))
+    np.testing.assert_allclose(kd[1], float(want), rtol=1e-4)
+    parent = {name: perplexity(CONFIG, params, w).ppl for name, w in corpora.items()}
+    for r in results:
+        config, member, meta = load_member(f"{tmp_path / 'fam'}:{r.member}")
+        for name, windows in corpora.items():
+            np.testing.assert_allclose(r.ppl_after[name], perplexity(config, member, windows).ppl, rtol=1e-5)
+            np.testing.assert_allclose(meta["parent_ppl"][name], parent[name], rtol=1e-5)
+    assert results[0].ppl_after["periodic"] < results[0].ppl_before["periodic"]
+    with pytest.raises(ValueError, match="unknown teacher"):
+        dataclasses.replace(SCHEDULE, teacher="grandparent")

@@ -112,7 +112,7 @@ def test_sheared_members_live_beside_plrd_and_resume_bitwise_after_sigkill(tmp_p
     store = FamilyStore(tmp_path / "clean")
     run_family("tiny", CONFIG, init_params(CONFIG), PLRD, TokenDataset(domains["periodic"], {}), evals, store,
                on_event=lambda kind, info: events.append((kind, info.get("restored"))))
-    assert events == [("member", True)]
+    assert events == [("parent", None), ("member", True)]  # the parent's PPL is read from the store, not recomputed
     # a different Sheared run into the same directory is refused
     from shear_run import SHEAR
 
@@ -189,9 +189,9 @@ def test_cli_refuses_bad_targets_domains_and_reference_losses_in_one_line(tmp_pa
              (["--target", "2,48,4,1,96"], "4 query heads per kv group, more than the parent's 2"),
              (["--target", "2,48,6"], "expected LAYERS,HIDDEN,HEADS,KV_HEADS,INTERMEDIATE"),
              (["--target", "1,48,6,3,96", "--domains", "wikitext,github"], "unknown domain 'github'"),
-             (["--target", "1,48,6,3,96", "--reference-losses", "wikitext=3,shakespeare=3,pydoc=2,arxiv=2"],
+             (["--target", "1,48,6,3,96", "--reference-losses", "wikitext=3,books=3,speeches=2,arxiv=2"],
               "reference losses given for arxiv"),
-             (["--target", "1,48,6,3,96", "--reference-losses", "wikitext=3"], "no reference loss for shakespeare, pydoc")]
+             (["--target", "1,48,6,3,96", "--reference-losses", "wikitext=3"], "no reference loss for books, speeches")]
     for extra, message in cases:
         assert main(["shear", "--parent", str(parent), "--out", str(out), *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()

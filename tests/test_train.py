@@ -12,9 +12,9 @@ import pytest
 from plrd_jax import LinearSpec, ModelConfig, init_params
 from plrd_jax.model import Decoder
 from plrd_jax.sharding import make_mesh, param_shardings
-from plrd_jax.train import (HealConfig, decay_mask, distill_loss, init_train_state, learning_rate_schedule,
-                            make_heal_step, matmul_params, model_flops_per_token, next_token_loss,
-                            trainable)
+from plrd_jax.train import (HealConfig, decay_mask, distill_loss, distill_top_k_loss, init_train_state,
+                            learning_rate_schedule, make_heal_step, matmul_params, model_flops_per_token,
+                            next_token_loss, sparse_distill_loss, teacher_top_k, trainable)
 
 TINY = ModelConfig(vocab_size=100, hidden_size=48, intermediate_size=72, num_layers=1, num_heads=3,
                    num_kv_heads=1, max_seq_len=32)
@@ -60,6 +60,77 @@ def test_distill_loss_is_t_squared_times_kl_teacher_student_at_temperature_t():
                                T ** 2 * (kl * mask[:, 1:]).sum() / mask[:, 1:].sum(), rtol=1e-5)
 
 
+def top_k_kl_np(student, teacher, k, T):
+    """KL(p̃‖q̃) per position (B, T'), float64: the teacher's top k tokens plus one rest bucket."""
+    log_p, log_q = log_softmax_np(teacher / T), log_softmax_np(student / T)
+    top = np.argsort(-log_p, axis=-1, kind="stable")[..., :k]
+    p_top, q_top = np.exp(np.take_along_axis(log_p, top, -1)), np.exp(np.take_along_axis(log_q, top, -1))
+    p_rest, q_rest = 1.0 - p_top.sum(-1), 1.0 - q_top.sum(-1)
+    kl = (p_top * np.log(p_top / q_top)).sum(-1)
+    rest = np.where(p_rest > 0, p_rest * np.log(np.maximum(p_rest, 1e-300) / np.maximum(q_rest, 1e-300)), 0.0)
+    return kl + (rest if k < teacher.shape[-1] else 0.0)
+
+
+@pytest.mark.parametrize("T", [0.5, 1.0, 2.5])
+@pytest.mark.parametrize("k", [1, 4, 12])
+def test_top_k_distill_loss_matches_a_float64_reference(T, k):
+    rng = np.random.default_rng(7)
+    student, teacher = (rng.normal(size=(3, 6, 13)).astype(np.float32) * 3 for _ in range(2))
+    kl = top_k_kl_np(student[:, :-1].astype(np.float64), teacher[:, :-1].astype(np.float64), k, T)
+    np.testing.assert_allclose(distill_top_k_loss(student, teacher, k, T), T ** 2 * kl.mean(), rtol=2e-5)
+    mask = rng.random((3, 6)) < 0.6
+    np.testing.assert_allclose(distill_top_k_loss(student, teacher, k, T, mask),
+                               T ** 2 * (kl * mask[:, 1:]).sum() / mask[:, 1:].sum(), rtol=2e-5)
+    # the bucketed distributions are a coarsening of p and q: KL(p̃‖q̃) <= KL(p‖q) (log-sum inequality)
+    assert float(distill_top_k_loss(student, teacher, k, T)) <= float(distill_loss(student, teacher, T)) * (1 + 1e-6)
+
+
+def test_top_k_distill_loss_with_k_equal_to_the_vocabulary_is_the_full_loss():
+    rng = np.random.default_rng(8)
+    student, teacher = (rng.normal(size=(2, 5, 13)).astype(np.float32) * 3 for _ in range(2))
+    mask = np.array([[1, 1, 0, 1, 1], [1, 0, 0, 1, 0]], bool)
+    for T in (1.0, 2.0):
+        np.testing.assert_allclose(distill_top_k_loss(student, teacher, 13, T, mask),
+                                   distill_loss(student, teacher, T, mask), rtol=1e-6)
+    assert abs(float(distill_top_k_loss(teacher, teacher, 3, 2.0))) < 1e-6
+
+
+def test_top_k_teacher_summary_keeps_the_rest_mass_when_the_top_k_rounds_to_one():
+    """A confident teacher: Σ top-k p rounds to 1 in float32, log1p(−Σ) would be −inf; the complement's
+    logsumexp keeps log p_rest (≈ log(12) − 40) exactly."""
+    teacher = np.zeros((1, 2, 13), np.float32)
+    teacher[..., 3] = 40.0
+    indices, log_p, log_rest = teacher_top_k(teacher, 1)
+    assert np.all(np.asarray(indices)[..., 0] == 3)
+    np.testing.assert_allclose(log_rest, np.log(12.0) - 40.0, rtol=1e-6)
+    np.testing.assert_allclose(log_p, 0.0, atol=1e-6)
+    student = np.random.default_rng(9).normal(size=(1, 2, 13)).astype(np.float32)
+    kl = top_k_kl_np(student[:, :-1].astype(np.float64), teacher[:, :-1].astype(np.float64), 1, 1.0)
+    np.testing.assert_allclose(distill_top_k_loss(student, teacher, 1), kl.mean(), rtol=1e-5)
+    # the stored form (indices, log p_top, log p_rest) gives the same loss
+    np.testing.assert_allclose(sparse_distill_loss(student, indices, log_p, log_rest), kl.mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 5, 13])
+def test_top_k_distill_gradient_is_finite_and_matches_finite_differences(k):
+    rng = np.random.default_rng(10)
+    student = rng.normal(size=(2, 4, 13)) * 3
+    teacher = rng.normal(size=(2, 4, 13)).astype(np.float32) * 3
+    teacher[0, :, 2] = 200.0  # rest mass underflows to exactly 0 in float32
+    teacher[1, :, :] = -np.inf  # and a masked vocabulary: only 3 finite logits
+    teacher[1, :, 4:7] = rng.normal(size=(4, 3))
+    loss = lambda s: distill_top_k_loss(s, teacher, k, 1.5)  # noqa: E731
+    grad = np.asarray(jax.grad(loss)(jnp.asarray(student, jnp.float32)), np.float64)
+    assert np.all(np.isfinite(grad)) and np.isfinite(float(loss(student.astype(np.float32))))
+    assert not np.any(grad[:, -1])  # the last position predicts nothing
+    direction = rng.normal(size=student.shape)
+    eps = 1e-2
+    with jax.enable_x64():
+        numeric = (float(loss(jnp.asarray(student + eps * direction))) -
+                   float(loss(jnp.asarray(student - eps * direction)))) / (2 * eps)
+    np.testing.assert_allclose((grad * direction).sum(), numeric, rtol=2e-3, atol=1e-5)
+
+
 # ---- optimizer ------------------------------------------------------------------------------------------
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_end_fraction():
     h = HealConfig(lr=3e-3, warmup_steps=10, total_steps=110, end_lr_fraction=0.1)
@@ -89,6 +160,9 @@ def test_heal_config_rejects_inconsistent_values():
         HealConfig(warmup_steps=20, total_steps=10)
     with pytest.raises(ValueError, match="compute dtype"):
         HealConfig(dtype="float8")
+    for k in (-1, 2.5):
+        with pytest.raises(ValueError, match="kd_top_k"):
+            HealConfig(kd_top_k=k)
 
 
 # ---- the step on one device -----------------------------------------------------------------------------
@@ -142,6 +216,23 @@ def test_distillation_from_itself_has_zero_loss_and_zero_gradient():
     _, hist = run_steps(MIXED, heal, [tokens((1, 4, 16))], params, MIXED, teacher_params)
     assert abs(hist[0]["kd"]) < 1e-6 and abs(hist[0]["loss"]) < 1e-6 and hist[0]["grad_norm"] < 1e-5
     assert hist[0]["ce"] > 1.0
+
+
+def test_top_k_distillation_in_the_step_reports_the_top_k_loss_of_the_initial_params():
+    params, teacher_params = init_params(MIXED, 1), init_params(TINY, 2)
+    heal = HealConfig(lr=1e-2, warmup_steps=0, total_steps=3, kd_weight=0.5, kd_temperature=2.0, kd_top_k=5)
+    batches = tokens((3, 1, 4, 16), seed=11)
+    _, hist = run_steps(MIXED, heal, batches, params, TINY, teacher_params)
+    student = Decoder(MIXED).apply({"params": params}, batches[0, 0])
+    teacher = Decoder(TINY).apply({"params": teacher_params}, batches[0, 0])
+    want = float(distill_top_k_loss(student, teacher, 5, 2.0))
+    assert want < float(distill_loss(student, teacher, 2.0))
+    np.testing.assert_allclose(hist[0]["kd"], want, rtol=1e-5)
+    np.testing.assert_allclose(hist[0]["loss"], 0.5 * hist[0]["ce"] + 0.5 * want, rtol=1e-5)
+    assert all(np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0 for m in hist)
+    with pytest.raises(ValueError, match="kd_top_k 101"):
+        make_heal_step(TINY, heal.replace(kd_top_k=101), make_mesh((1, 1, 1), jax.devices()[:1]),
+                       param_shardings(teacher_params, make_mesh((1, 1, 1), jax.devices()[:1])), teacher=TINY)
 
 
 def test_distillation_needs_a_teacher_and_tokens_need_the_accumulation_axis():
