@@ -98,20 +98,25 @@ def family_schedule(args):
         except ValueError:
             raise ValueError(f"--schedule {args.schedule!r} is neither a preset ({', '.join(PRESETS)}) "
                              "nor comma-separated budget fractions like 0.9,0.75") from None
-        plrd = PRESETS["plrd"]  # budget fractions: the plrd preset's settings at other sizes
-        schedule = dataclasses.replace(plrd, stages=_stages(fractions, plrd.stages[0].heal_tokens))
+        method = args.method or "plrd"  # budget fractions: the method's preset's settings at other sizes
+        base = PRESETS[method]
+        schedule = dataclasses.replace(base, stages=_stages(fractions, base.stages[0].heal_tokens, method))
     heal = {k: v for k, v in (("lr", args.lr), ("kd_weight", args.kd_weight), ("dtype", args.dtype),
                               ("grad_accum", args.grad_accum), ("kd_temperature", args.kd_temperature),
                               ("kd_top_k", args.kd_top_k)) if v is not None}
     top = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len),
                              ("multiple_of", args.multiple_of), ("decomposition", args.decomposition),
                              ("allocation", args.allocation), ("calibration_windows", args.calibration_windows),
-                             ("teacher", args.teacher))
+                             ("teacher", args.teacher), ("method", args.method))
            if v is not None}
     stages = schedule.stages
-    if args.heal_tokens is not None:
-        stages = tuple(dataclasses.replace(s, heal_tokens=args.heal_tokens) for s in stages)
-    return dataclasses.replace(schedule, stages=stages, progressive=not args.one_shot,
+    if args.heal_tokens is not None:  # one number for every member, or one per member
+        tokens = [int(x) for x in str(args.heal_tokens).split(",")]
+        if len(tokens) not in (1, len(stages)):
+            raise ValueError(f"--heal-tokens {args.heal_tokens}: give one number or one per member ({len(stages)})")
+        stages = tuple(dataclasses.replace(s, heal_tokens=tokens[min(i, len(tokens) - 1)])
+                       for i, s in enumerate(stages))
+    return dataclasses.replace(schedule, stages=stages, progressive=schedule.progressive and not args.one_shot,
                                heal=schedule.heal.replace(**heal), **top)
 
 
@@ -149,8 +154,36 @@ def print_summary(out_dir, prefix, results, parent_params, parent_ppl, unseen, t
     print(f"wrote {out_dir}/{prefix}summary.md, {prefix}summary.csv, {prefix}ppl_ratios.png")
 
 
+def parent_samples(args, config, params, tokenizer, count, seq_len):
+    """`count` windows the parent writes itself at --sample-temperature (the mixture source parent-samples),
+    generated once and kept in OUT/parent_samples_*.npy (a rerun reads them back); None when count is 0."""
+    import hashlib
+
+    import numpy as np
+
+    from plrd_jax.generate import sample_windows
+
+    if count == 0:
+        return None
+    start = tokenizer.token_to_id("<|endoftext|>") if hasattr(tokenizer, "token_to_id") else None
+    start = start if start is not None else (tokenizer.bos_token_id if tokenizer.bos_token_id is not None
+                                             else tokenizer.eos_token_id)
+    key = hashlib.sha256(json.dumps([args.parent, count, seq_len, args.sample_temperature, args.seed, start]
+                                    ).encode()).hexdigest()[:16]
+    path = os.path.join(args.out, f"parent_samples_{key}.npy")
+    if os.path.isfile(path):
+        return np.load(path)
+    print(f"sampling {count} windows of {seq_len} tokens from the parent (temperature {args.sample_temperature})",
+          file=sys.stderr)
+    windows = np.asarray(sample_windows(config, params, count, seq_len, start, args.sample_temperature, args.seed))
+    if jax.process_index() == 0:
+        np.save(path + ".tmp.npy", windows)
+        os.replace(path + ".tmp.npy", path)
+    return windows
+
+
 def cmd_family(args):
-    from plrd_jax.data import load_mixture
+    from plrd_jax.data import PARENT_SAMPLES, load_mixture, parse_mixture, sampled_share
     from plrd_jax.evaluate import geomean_ratio, ratios_to_parent
     from plrd_jax.family import run_family
     from plrd_jax.io.load import load_model
@@ -164,10 +197,16 @@ def cmd_family(args):
     calibration_spec = args.calibration_data or args.data
     corpora, unseen = evaluation_corpora(args, tokenizer, [args.data, calibration_spec])
     needed = sum(schedule.steps(s) for s in schedule.stages) * schedule.batch_size * schedule.heal.grad_accum
+    needed = max(needed, schedule.calibration_windows, 1)
+    os.makedirs(args.out, exist_ok=True)
+    samples = parent_samples(args, config, params, tokenizer, max(sampled_share(args.data, needed), sampled_share(
+        calibration_spec, schedule.calibration_windows)), schedule.seq_len)
     heal_data = load_mixture(args.data, tokenizer, schedule.seq_len, data_dir=args.data_dir,
-                             max_windows=max(needed, 1) if "tfds:" in args.data else None)
+                             max_windows=needed if "tfds:" in args.data else None,
+                             samples=samples if PARENT_SAMPLES in parse_mixture(args.data) else None)
     calibration = heal_data if calibration_spec == args.data else load_mixture(
-        calibration_spec, tokenizer, schedule.seq_len, data_dir=args.data_dir, max_windows=schedule.calibration_windows)
+        calibration_spec, tokenizer, schedule.seq_len, data_dir=args.data_dir, max_windows=schedule.calibration_windows,
+        samples=samples if PARENT_SAMPLES in parse_mixture(calibration_spec) else None)
     if len(calibration) < schedule.calibration_windows:
         raise ValueError(f"--calibration-data {calibration_spec!r} has {len(calibration)} windows of "
                          f"{schedule.seq_len}; the schedule calibrates on {schedule.calibration_windows}")
@@ -176,7 +215,6 @@ def cmd_family(args):
         from plrd_jax.sharding import batch_sharding, make_mesh
 
         heal_data = ProcessLocalData(heal_data, batch_sharding(make_mesh(mesh_shape)))
-    os.makedirs(args.out, exist_ok=True)
     store = FamilyStore(args.out)
     if tokenizer is not None and not os.path.isdir(os.path.join(args.out, "tokenizer")) and jax.process_index() == 0:
         tokenizer.save(os.path.join(args.out, "tokenizer"))  # members load with it as FAMILY_DIR:N
@@ -219,16 +257,17 @@ def cmd_family(args):
                          on_event=lambda kind, info: (parent_info.update(info) if kind == "parent" else None,
                                                       on_event(kind, info)))
     store.close()
-    label = "progressive" if schedule.progressive else "one-shot"
-    print_summary(args.out, "", results, count_params(params), parent_info["ppl"], unseen,
-                  f"{label} family, healed: PPL / parent's per corpus")
+    label = ("progressive " if schedule.progressive else "one-shot ") + schedule.method
+    print_summary(args.out, "" if schedule.method == "plrd" else f"{schedule.method}_", results,
+                  count_params(params), parent_info["ppl"], unseen, f"{label} family, healed: PPL / parent's per corpus")
     from plrd_jax.transforms import plot_rank_heatmap
 
     shapes = {p: config.matrix_shape(p) for p in config.matrix_paths()}
-    for r in results:  # ranks by layer and matrix kind, one picture per member
+    for r in (results if schedule.method == "plrd" else []):  # ranks by layer and matrix kind, one per member
         plot_rank_heatmap(os.path.join(args.out, f"ranks_{r.name}.png"), r.ranks, shapes,
                           f"{r.name} ({schedule.decomposition}, {schedule.allocation}): ranks (– dense)")
-    print(f"wrote {args.out}/ranks_*.png")
+    if schedule.method == "plrd":
+        print(f"wrote {args.out}/ranks_*.png")
 
 
 def cmd_compress(args):
@@ -248,6 +287,9 @@ def cmd_compress(args):
         raise ValueError(f"--reduction {args.reduction} must lie strictly between 0 and 1 (0.2 = 20% fewer params)")
     if not 0 <= args.sparse_density < 1:
         raise ValueError(f"--sparse-density {args.sparse_density} must lie in [0, 1)")
+    if args.sequential and (args.sparse_density or args.decomposition == "svd"):
+        raise ValueError("--sequential calibrates layer by layer for a data-aware decomposition without a sparse part; "
+                         "drop --sparse-density, or choose --decomposition whitened, asvd or fisher")
     corpora, unseen = evaluation_corpora(args, tokenizer, [args.calibration_data])
     decomposition = Decomposition(args.decomposition, alpha=args.alpha)
     plan = RankPlan(args.matrices.split(","), budget=int(round((1 - args.reduction) * count_params(params))),
@@ -256,9 +298,10 @@ def cmd_compress(args):
     if decomposition.needs_stats or args.allocation != "uniform":
         calib = load_mixture(args.calibration_data, tokenizer, args.calibration_seq_len, data_dir=args.data_dir,
                              max_windows=args.calibration_windows)
-        with progress_bar(len(calib), "calibrate", "win") as bar:
-            stats = calibrate(config, params, calib.windows, fisher=decomposition.needs_fisher,
-                              progress=lambda done, total: bar.update(done - bar.n))
+        if not (args.sequential and args.allocation == "uniform"):  # sequential takes its own statistics
+            with progress_bar(len(calib), "calibrate", "win") as bar:
+                stats = calibrate(config, params, calib.windows, fisher=decomposition.needs_fisher,
+                                  progress=lambda done, total: bar.update(done - bar.n))
     if args.sparse_density:  # A B + S: ranks chosen with the sparse part's values and indices counted
         from plrd_jax.transforms import sparse_plus_lowrank
         from plrd_jax.transforms.allocate import allocate_ranks
@@ -272,6 +315,22 @@ def cmd_compress(args):
         member_config = member_config.replace(sparse_method=args.sparse_method)
         report = {"decomposition": decomposition.method, "allocation": args.allocation,
                   "sparse_density": args.sparse_density}
+    elif args.sequential:  # ranks from the one-pass statistics, factors from sequential ones
+        from plrd_jax.sequential import sequential_compress
+        from plrd_jax.transforms.allocate import allocate_ranks, ranks_by_layer
+        from plrd_jax.transforms.plan import resolve_ranks
+
+        ranks = resolve_ranks(params, plan) if args.allocation == "uniform" else allocate_ranks(
+            params, plan.budget, args.allocation, matrices=plan.matrices, multiple_of=plan.multiple_of,
+            decomposition=decomposition, stats=stats).ranks
+        with progress_bar(None, "sequential calibration", "group") as bar:
+            def progress(done, total):
+                bar.total = total
+                bar.update(done - bar.n)
+            member, member_config = sequential_compress(params, config, calib.windows, ranks, decomposition,
+                                                        progress=progress)
+        report = {"decomposition": decomposition.method, "allocation": args.allocation, "sequential": True,
+                  "ranks_by_layer": ranks_by_layer(ranks)}
     else:
         member, member_config, report = compress(params, plan, config, allocation=args.allocation, stats=stats)
     windows = {name: c.windows for name, c in corpora.items()}
@@ -290,7 +349,8 @@ def cmd_compress(args):
         print("input scalings: " + ", ".join(f"{k} × {v}" for k, v in report["scalings"].items()))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        name = f"{args.decomposition}-{args.allocation}-{round(100 * args.reduction)}%" + (
+        name = f"{args.decomposition}-{args.allocation}{'-sequential' if args.sequential else ''}-" \
+               f"{round(100 * args.reduction)}%" + (
             f"-sparse{args.sparse_density:g}" if args.sparse_density else "")
         store = FamilyStore(args.out)
         step = max(store.steps(), default=-1) + 1
@@ -614,11 +674,15 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("family", help="build a single-parent family (progressive low-rank decomposition)")
     f.add_argument("--parent", default=DEFAULT_MODEL)
     f.add_argument("--schedule", default="plrd",
-                   help="a preset (plrd, plrd-tpu, mistral-7b-3.1b, llama2-7b-3.3b) or budget fractions '0.9,0.75'")
+                   help="a preset (plrd, minitron, plrd-tpu, mistral-7b-3.1b, llama2-7b-3.3b) or budget fractions "
+                        "'0.9,0.75'")
     f.add_argument("--out", required=True, help="family directory (Orbax store, tables, plot)")
     f.add_argument("--data", "--heal-data", dest="data", default=DEFAULT_HEAL_DATA,
                    help="healing text: a source (see eval --data) or a weighted mixture A=w,B=w or a JSON file "
-                        "{source: weight} (default: the training splits of WikiText-2, books and speeches)")
+                        "{source: weight}; the source parent-samples is text the parent writes itself "
+                        "(default: the training splits of WikiText-2, books and speeches)")
+    f.add_argument("--sample-temperature", type=float, default=1.0,
+                   help="temperature of the parent-samples source (text the parent writes itself)")
     f.add_argument("--calibration-data", default=None,
                    help="text the decompositions calibrate on, a source or mixture (default: the healing text)")
     f.add_argument("--eval-data", default=DEFAULT_EVAL_DATA,
@@ -628,7 +692,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data-dir", default=None, help="TFDS data_dir")
     f.add_argument("--eval-seq-len", type=int, default=512)
     f.add_argument("--eval-tokens", type=int, default=4096, help="evaluation windows: ceil(N / eval-seq-len)")
-    f.add_argument("--heal-tokens", type=int, default=None, help="healing tokens per member (overrides preset)")
+    f.add_argument("--heal-tokens", default=None,
+                   help="healing tokens per member, one number or one per member (overrides the preset)")
+    f.add_argument("--method", choices=["plrd", "minitron"], default=None,
+                   help="how members are cut: low-rank (plrd) or Minitron importance pruning (default: the preset's)")
     f.add_argument("--batch-size", type=int, default=None)
     f.add_argument("--seq-len", type=int, default=None, help="healing sequence length")
     f.add_argument("--grad-accum", type=int, default=None)
@@ -670,6 +737,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration-data", default=DEFAULT_HEAL_DATA,
                    help="a source or weighted mixture (A=w,B=w), disjoint from every --eval-data corpus")
     c.add_argument("--calibration-windows", type=int, default=32)
+    c.add_argument("--sequential", action="store_true",
+                   help="calibrate layer by layer: each layer's statistics from the inputs the already compressed "
+                        "layers before it produce (ranks still from the one-pass statistics)")
     c.add_argument("--calibration-seq-len", type=int, default=512)
     c.add_argument("--eval-data", default=DEFAULT_EVAL_DATA, help="evaluation corpora, comma-separated")
     c.add_argument("--eval-seq-len", type=int, default=512)

@@ -53,6 +53,7 @@ import glob as globlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -97,6 +98,7 @@ SPEECHES = {
 BOOK_EVAL_FRACTION = 0.1  # the tail of each book held out
 SPEECH_EVAL_EVERY = 5  # every 5th speech held out
 CHUNK_CHARS = 2000
+PARENT_SAMPLES = "parent-samples"  # a mixture source: windows the parent writes itself (not text on disk)
 NAMED_SOURCES = ("pydoc", "tinyshakespeare", "wikitext2-test", "wikitext2-heal", "wikitext2-eval",
                  "books", "books-heal", "books-eval", "speeches", "speeches-heal", "speeches-eval")
 FILE_SUFFIXES = (".txt", ".jsonl")
@@ -583,19 +585,41 @@ def interleave(counts: Sequence[int], weights: Sequence[float]) -> np.ndarray:
     return owners[order]
 
 
+def sampled_share(spec: str | Mapping[str, float], windows: int) -> int:
+    """How many `PARENT_SAMPLES` windows a mixture of `windows` windows draws (0 when it names none)."""
+    sources = parse_mixture(spec)
+    if PARENT_SAMPLES not in sources:
+        return 0
+    return math.ceil(windows * sources[PARENT_SAMPLES] / sum(sources.values())) + 1
+
+
 def load_mixture(spec: str | Mapping[str, float], tokenizer: Tokenizer, seq_len: int,
                  data_dir: str | Path | None = None, max_windows: int | None = None,
-                 cache_dir: str | Path | None = None) -> TokenDataset:
+                 cache_dir: str | Path | None = None, samples: np.ndarray | None = None) -> TokenDataset:
     """A weighted mixture of sources (`parse_mixture`) as one TokenDataset: each source packed on its own into
     windows of `seq_len`, the windows interleaved by weight (`interleave`), the first `max_windows` kept.
     A single unweighted source gives exactly `load_dataset(source)`. Streamed (`tfds:`) components need
-    max_windows; each then reads at most that many windows."""
+    max_windows; each then reads at most that many windows. The source `parent-samples` is not text: its
+    windows are `samples` [N, seq_len] (the parent's own sampled tokens, `generate.sample_windows`)."""
     sources = parse_mixture(spec)
-    if len(sources) == 1 and next(iter(sources.values())) == 1.0:
+    if (PARENT_SAMPLES in sources) != (samples is not None):
+        raise DataError(f"mixture {spec!r}: the {PARENT_SAMPLES!r} source and `samples` go together")
+    if len(sources) == 1 and next(iter(sources.values())) == 1.0 and samples is None:
         return load_dataset(next(iter(sources)), tokenizer, seq_len, data_dir, max_windows=max_windows,
                             cache_dir=cache_dir)
-    parts = [load_dataset(name, tokenizer, seq_len, data_dir, max_windows=max_windows if name.startswith("tfds:")
-                          else None, cache_dir=cache_dir) for name in sources]
+
+    def part(name):
+        if name == PARENT_SAMPLES:
+            windows = np.asarray(samples, np.int32)
+            if windows.ndim != 2 or windows.shape[1] != seq_len:
+                raise DataError(f"{PARENT_SAMPLES}: windows of shape {windows.shape}, expected [N, {seq_len}]")
+            return TokenDataset(windows, {"source": name, "seq_len": seq_len, "windows": len(windows),
+                                          "tokens": int(windows.size),
+                                          "tokens_sha256": hashlib.sha256(windows.tobytes()).hexdigest()})
+        return load_dataset(name, tokenizer, seq_len, data_dir, max_windows=max_windows if name.startswith("tfds:")
+                            else None, cache_dir=cache_dir)
+
+    parts = [part(name) for name in sources]
     owners = interleave([len(p) for p in parts], list(sources.values()))[:max_windows]
     taken = [0] * len(parts)
     rows = []
@@ -604,7 +628,8 @@ def load_mixture(spec: str | Mapping[str, float], tokenizer: Tokenizer, seq_len:
         taken[i] += 1
     windows = np.stack(rows)
     spec_out = {"source": ",".join(f"{n}={w:g}" for n, w in sources.items()), "seq_len": seq_len,
-                "windows": len(windows), "tokens": int(windows.size), "tokenizer": parts[0].spec["tokenizer"],
+                "windows": len(windows), "tokens": int(windows.size),
+                "tokenizer": tokenizer_fingerprint(tokenizer) or type(tokenizer).__name__,
                 "components": [{**p.spec, "weight": w, "windows_used": n}
                                for p, w, n in zip(parts, sources.values(), taken)],
                 "max_windows": max_windows}
@@ -641,7 +666,7 @@ def check_disjoint(eval_names: Iterable[str], train_names: Iterable[str], data_d
     `max_shared` of its lines of ≥ 30 characters also occur in them (a few stock phrases — "God bless America",
     "To the People of the State of New York:" — recur across documents of one domain, so the bound is not 0).
     Streamed (`tfds:`) sources are not checked."""
-    train = [n for n in train_names if not n.startswith("tfds:")]
+    train = [n for n in train_names if not n.startswith("tfds:") and n != PARENT_SAMPLES]
     if not train:
         return
     seen: set[int] = set()

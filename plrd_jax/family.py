@@ -77,11 +77,19 @@ class Schedule:
     # Who distils into member k when heal.kd_weight > 0: "parent", or "previous" (the healed member k − 1; the
     # parent for member 0).
     teacher: str = "parent"
+    # How a member is cut from its source: "plrd" (lower ranks, `compress`) or "minitron" (activation-importance
+    # structured pruning to the stage's budget, `plrd_jax.minitron`; members are plain dense models).
+    method: str = "plrd"
+    minitron_mode: str = "width"
     heal: HealConfig = HealConfig(lr=2e-4, warmup_steps=2, total_steps=2)  # total_steps set per stage
 
     def __post_init__(self):
         if self.teacher not in TEACHERS:
             raise ValueError(f"unknown teacher {self.teacher!r}; expected one of {', '.join(TEACHERS)}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.method == "minitron" and any(s.budget_fraction is None for s in self.stages):
+            raise ValueError("minitron members are sized by parameter budget: give every stage a budget_fraction")
 
     def steps(self, stage: Stage) -> int:
         return stage.heal_tokens // (self.batch_size * self.seq_len * self.heal.grad_accum)
@@ -91,6 +99,11 @@ class Schedule:
 
 
 TEACHERS = ("parent", "previous")
+METHODS = ("plrd", "minitron")
+# Where each method's members live in a shared family store (Sheared's: plrd_jax.shear): member numbers from
+# MEMBER_BASE[method], step ids from STEP_BASE[method], so methods never overwrite each other.
+MEMBER_BASE = {"plrd": 0, "minitron": 200}
+STEP_BASE = {"plrd": 0, "minitron": 2_000_000_000}
 
 
 def _stages(fractions, tokens, prefix="plrd"):
@@ -102,6 +115,10 @@ PRESETS: dict[str, Schedule] = {
     "plrd": Schedule(_stages(SIZES, 8 * 4 * 256), decomposition="whitened"),
     "plrd-tpu": Schedule(_stages(SIZES, 200_000_000), batch_size=64, seq_len=2048, decomposition="whitened",
                          heal=HealConfig(lr=1e-4, warmup_steps=100, total_steps=100)),
+    # Minitron-style baseline at the main job's budget: each member pruned one-shot from the parent by activation
+    # importance (width: MLP channels, heads, hidden size), then healed by distillation from the parent.
+    "minitron": Schedule(_stages((0.9, 0.75, 0.5), 8 * 4 * 256, "minitron"), progressive=False, method="minitron",
+                         heal=HealConfig(lr=2e-4, warmup_steps=2, total_steps=2, kd_weight=1.0)),
     "mistral-7b-3.1b": Schedule(
         (Stage("r2048", rank=2048, heal_tokens=250_000_000), Stage("r1536", rank=1536, heal_tokens=250_000_000),
          Stage("r1088-3.1B", rank=1088, heal_tokens=500_000_000)),
@@ -161,7 +178,7 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
     run_id = fingerprint({"parent": parent, "schedule": schedule.to_dict(), "data": data_spec, "seed": seed,
                           "parent_params": parent_count})
     existing = {s: store.metadata(s) for s in store.steps()}
-    mine = {s for s, m in existing.items() if m.get("method", "plrd") == "plrd"}  # other methods live beside
+    mine = {s for s, m in existing.items() if m.get("method", "plrd") == schedule.method}  # others live beside
     if any(existing[s].get("run") != run_id for s in mine):
         raise StoreError(f"{store.directory} holds checkpoints of another family run (different parent, schedule "
                          "or data); choose a new --out directory")
@@ -170,7 +187,7 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
         parent_ppl = _eval(parent_config, parent_params, eval_sets, eval_batch_size, on_event, "parent", -1)
     on_event("parent", {"ppl": parent_ppl, "params": parent_count})
     steps = [schedule.steps(s) for s in schedule.stages]
-    starts = np.cumsum([0] + [n + 1 for n in steps])[:-1].tolist()
+    starts = (STEP_BASE[schedule.method] + np.cumsum([0] + [n + 1 for n in steps])[:-1]).tolist()
     use_teacher = schedule.heal.kd_weight > 0
     placed_parent = None
     if use_teacher:
@@ -178,8 +195,9 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
     parent_stats = None  # one-shot members all calibrate on the parent: once is enough
     results, prev_config, prev_params = [], parent_config, parent_params
     saved = mine
-    for k, stage in enumerate(schedule.stages):
-        start, n_steps = starts[k], steps[k]
+    for index, stage in enumerate(schedule.stages):
+        k = MEMBER_BASE[schedule.method] + index  # the member's number in the store
+        start, n_steps = starts[index], steps[index]
         final = start + n_steps
         if final in saved:  # finished in an earlier run
             meta = store.metadata(final)
@@ -204,6 +222,7 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
             t_done = resume - start
             state = state.replace(step=state.step + t_done, opt_state=opt_state)
             ppl_before, elapsed = meta["ppl_before"], meta["wall_s"]
+            heal_s, timed = meta.get("heal_s", 0.0), meta.get("heal_steps_timed", 0)
             decomposition_report = meta.get("decomposition_report")
         else:
             source_config, source_params = (prev_config, prev_params) if schedule.progressive else (
@@ -212,22 +231,29 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
                 # Replicated in one program first: the transforms' op-by-op programs then need no collectives,
                 # whose order two processes could otherwise interleave differently (and deadlock).
                 source_params = jax.jit(lambda p: p, out_shardings=replicated(mesh))(source_params)
-            plan = dataclasses.replace(stage.plan(parent_count, schedule.matrices, schedule.multiple_of),
-                                       decomposition=schedule.decomposition)
-            stats = None
-            if plan.decomposition.needs_stats or schedule.allocation != "uniform":
-                stats = parent_stats
-                if stats is None:
-                    stats = calibrate(source_config, source_params, calibration_windows,
-                                      fisher=plan.decomposition.needs_fisher)
-                    parent_stats = None if schedule.progressive else stats
-            params, config, decomposition_report = compress(source_params, plan, source_config,
-                                                            allocation=schedule.allocation, stats=stats)
+            if schedule.method == "minitron":
+                from plrd_jax.minitron import minitron_prune
+
+                params, config, decomposition_report = minitron_prune(
+                    source_config, source_params, calibration_windows,
+                    int(round(stage.budget_fraction * parent_count)), schedule.minitron_mode)
+            else:
+                plan = dataclasses.replace(stage.plan(parent_count, schedule.matrices, schedule.multiple_of),
+                                           decomposition=schedule.decomposition)
+                stats = None
+                if plan.decomposition.needs_stats or schedule.allocation != "uniform":
+                    stats = parent_stats
+                    if stats is None:
+                        stats = calibrate(source_config, source_params, calibration_windows,
+                                          fisher=plan.decomposition.needs_fisher)
+                        parent_stats = None if schedule.progressive else stats
+                params, config, decomposition_report = compress(source_params, plan, source_config,
+                                                                allocation=schedule.allocation, stats=stats)
             shardings = param_shardings(params, mesh)
             ppl_before = _eval(config, params, eval_sets, eval_batch_size, on_event, "before", k)
             state = init_train_state(params, heal, mesh, shardings)
-            elapsed, t_done = 0.0, 0
-        base_meta = {"member": k, "name": stage.name, "method": "plrd", "run": run_id, "parent": parent,
+            elapsed, t_done, heal_s, timed = 0.0, 0, 0.0, 0
+        base_meta = {"member": k, "name": stage.name, "method": schedule.method, "run": run_id, "parent": parent,
                      "schedule": schedule.to_dict(), "data": data_spec, "config": config.to_dict(),
                      "params": count_params(state.params), "compression": count_params(state.params) / parent_count,
                      "ppl_before": ppl_before, "parent_ppl": parent_ppl,
@@ -236,23 +262,27 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
             teacher_config, teacher_params = None, None
             if use_teacher:
                 teacher_config, teacher_params = parent_config, placed_parent
-                if schedule.teacher == "previous" and k > 0:
+                if schedule.teacher == "previous" and index > 0:
                     teacher_config = prev_config
                     teacher_params = jax.device_put(prev_params, param_shardings(prev_params, mesh))
             step_fn = make_heal_step(config, heal, mesh, shardings, teacher=teacher_config)
             tokens_per_step = schedule.batch_size * schedule.seq_len * heal.grad_accum
             for t in range(t_done, n_steps):
-                batch = heal_data.batch_at(_data_step(k, t, steps), schedule.batch_size * heal.grad_accum, seed)
+                batch = heal_data.batch_at(_data_step(index, t, steps), schedule.batch_size * heal.grad_accum, seed)
                 batch = batch.reshape(heal.grad_accum, schedule.batch_size, schedule.seq_len)
                 ts = time.perf_counter()
                 state, metrics = step_fn(state, batch, teacher_params)
                 metrics = {key: float(v) for key, v in metrics.items()}
+                seconds = time.perf_counter() - ts
+                if t > t_done:  # the first step of a process compiles: heal_s times the others
+                    heal_s, timed = heal_s + seconds, timed + 1
                 on_event("step", {"member": k, "step": t + 1, "steps": n_steps, "tokens": tokens_per_step,
-                                  "seconds": time.perf_counter() - ts, **metrics})
+                                  "seconds": seconds, **metrics})
                 if save_every and (t + 1) % save_every == 0 and t + 1 < n_steps:
                     store.save(start + t + 1, state.params, {
                         **base_meta, "step": start + t + 1, "final": False, "tokens": (t + 1) * tokens_per_step,
-                        "wall_s": elapsed + time.perf_counter() - t0}, opt_state=state.opt_state)
+                        "wall_s": elapsed + time.perf_counter() - t0, "heal_s": heal_s,
+                        "heal_steps_timed": timed}, opt_state=state.opt_state)
         params = state.params
         ppl_after = _eval(config, params, eval_sets, eval_batch_size, on_event, "after", k) if n_steps else ppl_before
         count = count_params(params)
@@ -261,6 +291,7 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
                               elapsed + time.perf_counter() - t0, _ranks(config))
         store.save(final, params, {**base_meta, "step": final, "final": True, "tokens": result.tokens,
                                    "wall_s": result.wall_s, "ppl_after": ppl_after,
+                                   "heal_s": heal_s, "heal_steps_timed": timed,
                                    "result": dataclasses.asdict(result)})
         results.append(result)
         on_event("member", {"result": result, "restored": False, "parent_ppl": parent_ppl})

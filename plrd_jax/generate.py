@@ -54,3 +54,30 @@ def generate(config: ModelConfig, params, prompt: list[int], max_new_tokens: int
             return
         key, sub = jax.random.split(key)
         token, cache = decode_step(config, params, token, position, cache, sub, temperature)
+
+
+def sample_windows(config: ModelConfig, params, count: int, seq_len: int, start_token: int,
+                   temperature: float = 1.0, seed: int = 0, batch_size: int = 32) -> jax.Array:
+    """`count` windows [count, seq_len] of text the model writes itself: each window starts with `start_token`
+    (e.g. the end-of-text token that separates documents, so the model begins a document of its own choosing)
+    and continues with tokens sampled from softmax(logits / temperature), batch_size windows at a time with a
+    KV cache. At temperature 1 these are draws from the model's own distribution: data that covers what it
+    knows in proportion to how it knows it, without choosing domains."""
+    if count < 1 or seq_len < 2 or temperature <= 0:
+        raise ValueError(f"need count >= 1, seq_len >= 2 and temperature > 0; got {count}, {seq_len}, {temperature}")
+    if seq_len > config.max_seq_len:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's context of {config.max_seq_len} tokens")
+    key = jax.random.key(seed)
+    out = []
+    for start in range(0, count, batch_size):
+        cache = init_cache(config, batch_size, seq_len)
+        prompt = jnp.full((batch_size, 1), start_token, jnp.int32)
+        key, sub = jax.random.split(key)
+        token, cache = _prefill(config, params, prompt, cache, sub, temperature)
+        rows = [prompt[:, 0], token]
+        for position in range(1, seq_len - 1):
+            key, sub = jax.random.split(key)
+            token, cache = decode_step(config, params, token, position, cache, sub, temperature)
+            rows.append(token)
+        out.append(jnp.stack(rows, axis=1)[: count - start])
+    return jnp.concatenate(out).astype(jnp.int32)

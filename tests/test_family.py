@@ -112,3 +112,31 @@ def test_members_are_scored_on_every_corpus_and_the_previous_member_can_teach(tm
     assert results[0].ppl_after["periodic"] < results[0].ppl_before["periodic"]
     with pytest.raises(ValueError, match="unknown teacher"):
         dataclasses.replace(SCHEDULE, teacher="grandparent")
+
+
+def test_minitron_members_live_beside_plrd_members_in_one_store(tmp_path):
+    """A Minitron schedule prunes each member to its budget (a plain dense model equal to the masked parent is
+    tested in test_minitron.py), heals it, and stores it at its own member numbers and step ids, so a PLRD
+    family in the same directory is neither overwritten nor refused."""
+    from family_run import CONFIG, SCHEDULE, tiny_data
+
+    from plrd_jax.family import MEMBER_BASE, Schedule, Stage, run_family
+    from plrd_jax.model import count_params, init_params
+    from plrd_jax.store import load_member
+
+    heal, evals = tiny_data()
+    params = init_params(CONFIG)
+    store = FamilyStore(tmp_path / "fam")
+    plrd = run_family("tiny", CONFIG, params, SCHEDULE, heal, evals, store)
+    minitron = Schedule((Stage("m-70%", budget_fraction=0.7, heal_tokens=2 * 4 * 16),), batch_size=4, seq_len=16,
+                        method="minitron", progressive=False, heal=SCHEDULE.heal.replace(kd_weight=1.0))
+    (result,) = run_family("tiny", CONFIG, params, minitron, heal, evals, store)
+    store.close()
+    assert result.member == MEMBER_BASE["minitron"]
+    config, member, meta = load_member(f"{tmp_path / 'fam'}:m-70%")
+    assert meta["method"] == "minitron" and all(spec.kind == "dense" for _, spec in config.linears)
+    assert abs(count_params(member) - 0.7 * count_params(params)) <= 0.01 * count_params(params)
+    _, _, first = load_member(f"{tmp_path / 'fam'}:0")
+    assert first["name"] == plrd[0].name and first["ppl_after"] == plrd[0].ppl_after  # untouched
+    with pytest.raises(ValueError, match="budget_fraction"):
+        Schedule((Stage("r", rank=4),), method="minitron")

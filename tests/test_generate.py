@@ -37,3 +37,43 @@ def test_sampling_is_seeded_and_context_is_checked():
     assert a == list(generate(CONFIG, params, [4], 6, temperature=1.0, seed=7))
     with pytest.raises(ValueError, match="exceeds the model's context of 64"):
         list(generate(CONFIG, params, [1] * 60, 10))
+
+
+def test_sampled_windows_follow_the_model_and_start_with_the_start_token():
+    """At a temperature near 0 every sampled token is the argmax of a cache-free forward over the window so far
+    (an independent path); at temperature 1 the windows are seeded, differ across the batch, and fill `count`
+    rows even when count is not a multiple of the batch."""
+    from plrd_jax.generate import sample_windows
+
+    params = init_params(CONFIG, seed=3)
+    cold = np.asarray(sample_windows(CONFIG, params, 3, 12, start_token=7, temperature=1e-6, batch_size=2))
+    assert cold.shape == (3, 12) and (cold[:, 0] == 7).all()
+    logits = np.asarray(Decoder(CONFIG).apply({"params": params}, jnp.asarray(cold)))
+    np.testing.assert_array_equal(logits[:, :-1].argmax(-1), cold[:, 1:])
+    warm = np.asarray(sample_windows(CONFIG, params, 5, 12, start_token=7, temperature=1.0, seed=1, batch_size=4))
+    np.testing.assert_array_equal(warm, np.asarray(sample_windows(CONFIG, params, 5, 12, 7, 1.0, seed=1,
+                                                                  batch_size=4)))
+    assert len({tuple(r) for r in warm}) == 5
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        sample_windows(CONFIG, params, 1, CONFIG.max_seq_len + 1, 7)
+
+
+def test_parent_samples_join_a_mixture_as_given_windows(tmp_path):
+    from plrd_jax.data import DataError, load_mixture, sampled_share
+
+    text = tmp_path / "a.txt"
+    text.write_text("abcdefgh" * 20)
+
+    class Chars:
+        eos_token_id, fingerprint = None, "chars"
+
+        def encode(self, s):
+            return [ord(c) % 50 for c in s]
+
+    samples = np.full((30, 8), 5, np.int32)
+    mix = load_mixture(f"{text}=1,parent-samples=1", Chars(), 8, samples=samples)
+    assert (mix.windows[1::2] == 5).all() and not (mix.windows[0::2] == 5).all()  # alternating, 20 + 20
+    assert len(mix) == 40 and mix.spec["components"][1]["tokens_sha256"]
+    assert sampled_share(f"{text}=1,parent-samples=3", 40) == 31 and sampled_share(str(text), 40) == 0
+    with pytest.raises(DataError, match="go together"):
+        load_mixture(f"{text},parent-samples", Chars(), 8)

@@ -177,3 +177,41 @@ def test_rejects_unknown_matrices_and_too_high_ranks(runs):
         sequential_compress(runs["params"], CONFIG, WINDOWS, {"layers_9/attn/q": 4})
     with pytest.raises(PlanError, match="exceeds"):
         sequential_compress(runs["params"], CONFIG, WINDOWS, {"layers_0/attn/k": 17})
+
+
+def test_compress_command_sequential_and_multi_corpus(tmp_path):
+    """`compress --sequential` gives one-pass's layer 0 and a different layer 1 (its statistics come from the
+    compressed layer 0); the member's PPL is stored per evaluation corpus beside the parent's."""
+    import numpy as np
+
+    from plrd_jax.cli import main
+    from plrd_jax.config import ModelConfig
+    from plrd_jax.io.hf import save_hf
+    from plrd_jax.model import init_params
+    from plrd_jax.store import load_member
+    from test_io_hf import small_tokenizer
+
+    tokenizer = small_tokenizer(full_byte_alphabet=True)
+    config = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                         num_kv_heads=2, max_seq_len=64)
+    save_hf(init_params(config, seed=0), config, tmp_path / "parent", tokenizer=tokenizer)
+    (tmp_path / "calib.txt").write_text("the cat sat on the mat while the dog slept by the door. " * 40)
+    (tmp_path / "eval.txt").write_text("a bird sang in the tall tree near the quiet river bank. " * 20)
+    (tmp_path / "other.txt").write_text("def f(x):\n    return x * 2  # doubles its argument\n" * 20)
+    common = ["compress", "--model", str(tmp_path / "parent"), "--reduction", "0.3", "--multiple-of", "1",
+              "--calibration-data", str(tmp_path / "calib.txt"), "--calibration-windows", "4",
+              "--calibration-seq-len", "32", "--eval-data", f"{tmp_path / 'eval.txt'},{tmp_path / 'other.txt'}",
+              "--eval-seq-len", "32", "--eval-tokens", "128", "--out", str(tmp_path / "members")]
+    assert main(common) == 0
+    assert main(common + ["--sequential"]) == 0
+    _, one_pass, meta = load_member(f"{tmp_path / 'members'}:0")
+    _, sequential, meta_seq = load_member(f"{tmp_path / 'members'}:1")
+    assert meta_seq["decomposition_report"]["sequential"] and "sequential" in meta_seq["name"]
+    np.testing.assert_allclose(sequential["layers_0"]["attn"]["q"]["A"], one_pass["layers_0"]["attn"]["q"]["A"],
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(sequential["layers_1"]["mlp"]["up"]["A"], one_pass["layers_1"]["mlp"]["up"]["A"],
+                           atol=1e-4)
+    assert set(meta["ppl_after"]) == set(meta["parent_ppl"]) == {str(tmp_path / "eval.txt"),
+                                                                  str(tmp_path / "other.txt")}
+    assert meta["unseen"] == [str(tmp_path / "eval.txt"), str(tmp_path / "other.txt")]
+    assert main(common + ["--sequential", "--decomposition", "svd"]) == 2
