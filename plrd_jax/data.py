@@ -221,7 +221,11 @@ def _split_source(name: str, data_dir) -> list[str]:
 
 
 def domain_of(source: str) -> str:
-    """The domain a source belongs to: its name without a -heal / -eval / -test split suffix."""
+    """The domain a source belongs to: its name (a file's without its .txt / .jsonl suffix) without a -heal /
+    -eval / -test split suffix, so that `books-heal` and `books-eval`, or `x-heal.txt` and `x-eval.txt`, share
+    one. An evaluation corpus whose domain no calibration or healing source has is reported as unseen."""
+    for suffix in FILE_SUFFIXES:
+        source = source.removesuffix(suffix)
     return re.sub(r"-(heal|eval|test)$", "", source)
 
 

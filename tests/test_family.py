@@ -140,3 +140,42 @@ def test_minitron_members_live_beside_plrd_members_in_one_store(tmp_path):
     assert first["name"] == plrd[0].name and first["ppl_after"] == plrd[0].ppl_after  # untouched
     with pytest.raises(ValueError, match="budget_fraction"):
         Schedule((Stage("r", rank=4),), method="minitron")
+
+
+def test_family_command_on_mixtures_scores_every_corpus_and_refuses_overlap(tmp_path, capsys):
+    """The family command on a tiny parent: a weighted healing mixture (with the parent's own samples), two
+    evaluation corpora (one sharing a domain with the healing text, one unseen), a summary with a column per
+    corpus and a ratios plot; Minitron members beside it; an evaluation corpus that is healing text is a
+    one-line error before anything runs."""
+    from plrd_jax.cli import main
+    from plrd_jax.config import ModelConfig
+    from plrd_jax.io.hf import save_hf
+    from plrd_jax.model import init_params
+    from test_io_hf import small_tokenizer
+
+    config = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                         num_kv_heads=2, max_seq_len=64)
+    save_hf(init_params(config, seed=0), config, tmp_path / "parent",
+            tokenizer=small_tokenizer(full_byte_alphabet=True))
+    (tmp_path / "cats-heal.txt").write_text("the cat sat on the mat while the dog slept by the door. " * 60)
+    (tmp_path / "cats-eval.txt").write_text("a cat ran to the mat and the dog woke up at the door. " * 20)
+    (tmp_path / "code.txt").write_text("def f(x):\n    return x * 2  # doubles its argument\n" * 20)
+    heal, cats, code = (str(tmp_path / n) for n in ("cats-heal.txt", "cats-eval.txt", "code.txt"))
+    common = ["--parent", str(tmp_path / "parent"), "--schedule", "0.8", "--heal-tokens", "256", "--batch-size", "2",
+              "--seq-len", "32", "--calibration-windows", "4", "--eval-seq-len", "32", "--eval-tokens", "64",
+              "--save-every", "0"]
+    out = tmp_path / "fam"
+    assert main(["family", *common, "--data", f"{heal}=3,parent-samples=1", "--eval-data", f"{cats},{code}",
+                 "--kd-weight", "1", "--out", str(out)]) == 0
+    summary = (out / "summary.md").read_text()
+    assert f"{cats} PPL" in summary and f"{code} (unseen) PPL" in summary and "geo-mean" in summary
+    assert (out / "ppl_ratios.png").stat().st_size > 0 and list(out.glob("parent_samples_*.npy"))
+    assert main(["family", *common, "--method", "minitron", "--data", heal, "--eval-data", f"{cats},{code}",
+                 "--out", str(out)]) == 0
+    assert "minitron-80%" in (out / "minitron_summary.md").read_text()
+    capsys.readouterr()
+    assert main(["family", *common, "--data", heal, "--eval-data", f"{cats},{heal}", "--out",
+                 str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is also calibration / healing text" in err[0]
+    assert not (tmp_path / "bad").exists()
