@@ -163,8 +163,8 @@ def main():
             diff, scale = hf_logits_check(os.path.join(args.work, "hf", r.name), mconfig, member_params, tokenizer,
                                           evals[:1, :128])
             record(f"sheared/{size}", {"method": "sheared", "size": size, "params": r.params,
-                                       "non_embedding": non_embedding(member_params), "ppl_before": r.ppl_before,
-                                       "ppl_after": r.ppl_after, "tokens": r.tokens, "wall_s": r.wall_s,
+                                       "non_embedding": non_embedding(member_params), "ppl_before": r.ppl_before["eval"],
+                                       "ppl_after": r.ppl_after["eval"], "tokens": r.tokens, "wall_s": r.wall_s,
                                        "shape": r.shape, "prune_tokens": r.prune_tokens,
                                        "hf_max_abs_logit_diff": diff, "max_abs_logit": scale})
             log(f"  {r.name}: shape {r.shape} exported; transformers logits differ by at most {diff:.2e}")
@@ -206,7 +206,7 @@ def main():
         (r,) = run_shear(PARENT, config, params, multi, windows, evals, store, seed=0, on_event=on_event)
         store.close()
         record("sheared-domains/50%", {"method": "sheared, 3 domains", "size": "50%", "params": r.params,
-                                       "ppl_before": r.ppl_before, "ppl_after": r.ppl_after, "tokens": r.tokens,
+                                       "ppl_before": r.ppl_before["eval"], "ppl_after": r.ppl_after["eval"], "tokens": r.tokens,
                                        "wall_s": r.wall_s, "shape": r.shape, "domains": list(sources),
                                        "domain_weights": r.domain_weights})
 

@@ -27,13 +27,18 @@ def cmd_eval(args):
     config, params, tokenizer = load_model(args.model, dtype=args.dtype)
     check_seq_len(args.seq_len, config.max_seq_len)
     windows = -(-args.max_tokens // args.seq_len) if args.max_tokens else None
-    data = load_dataset(args.data, tokenizer, args.seq_len, data_dir=args.data_dir, max_windows=windows)
-    with progress_bar(len(data), "eval", "win") as bar:
-        result = perplexity(config, params, data.windows, batch_size=args.batch_size, progress=lambda done, total: bar.update(done - bar.n))
-    print(f"model {args.model}  data {args.data}  window {result.seq_len}  windows {result.windows}  "
-          f"tokens scored {result.tokens}  mean NLL {result.nll:.4f}  PPL {result.ppl:.3f}")
-    if args.json:
-        print(json.dumps({"model": args.model, "data": data.spec, **result.to_dict()}))
+    names = [n.strip() for n in args.data.split(",")]
+    data = {}
+    for name in names:  # every corpus read (and checked) before the model runs
+        data[name] = load_dataset(name, tokenizer, args.seq_len, data_dir=args.data_dir, max_windows=windows)
+    for name, corpus in data.items():
+        with progress_bar(len(corpus), f"eval {name}", "win") as bar:
+            result = perplexity(config, params, corpus.windows, batch_size=args.batch_size,
+                                progress=lambda done, total: bar.update(done - bar.n))
+        print(f"model {args.model}  data {name}  window {result.seq_len}  windows {result.windows}  "
+              f"tokens scored {result.tokens}  mean NLL {result.nll:.4f}  PPL {result.ppl:.3f}")
+        if args.json:
+            print(json.dumps({"model": args.model, "data": corpus.spec, **result.to_dict()}))
 
 
 def cmd_info(args):
@@ -120,7 +125,10 @@ def family_schedule(args):
                                heal=schedule.heal.replace(**heal), **top)
 
 
-DEFAULT_HEAL_DATA = "wikitext2-heal,books-heal,speeches-heal"
+# The main job's calibration and healing text: the training splits of three domains and, in equal share, text
+# the parent writes itself (experiments/results/heal_data.md measures the choice); tiny-shakespeare and pydoc
+# stay unseen.
+DEFAULT_HEAL_DATA = "wikitext2-heal,books-heal,speeches-heal,parent-samples"
 DEFAULT_EVAL_DATA = "wikitext2-eval,books-eval,speeches-eval,tinyshakespeare,pydoc"
 
 
@@ -154,9 +162,10 @@ def print_summary(out_dir, prefix, results, parent_params, parent_ppl, unseen, t
     print(f"wrote {out_dir}/{prefix}summary.md, {prefix}summary.csv, {prefix}ppl_ratios.png")
 
 
-def parent_samples(args, config, params, tokenizer, count, seq_len):
-    """`count` windows the parent writes itself at --sample-temperature (the mixture source parent-samples),
-    generated once and kept in OUT/parent_samples_*.npy (a rerun reads them back); None when count is 0."""
+def parent_samples(model, config, params, tokenizer, count, seq_len, temperature, seed, out_dir=None):
+    """`count` windows the parent writes itself at `temperature` (the mixture source parent-samples); with
+    out_dir they are generated once and kept in OUT/parent_samples_*.npy (a rerun reads them back). None when
+    count is 0."""
     import hashlib
 
     import numpy as np
@@ -168,15 +177,14 @@ def parent_samples(args, config, params, tokenizer, count, seq_len):
     start = tokenizer.token_to_id("<|endoftext|>") if hasattr(tokenizer, "token_to_id") else None
     start = start if start is not None else (tokenizer.bos_token_id if tokenizer.bos_token_id is not None
                                              else tokenizer.eos_token_id)
-    key = hashlib.sha256(json.dumps([args.parent, count, seq_len, args.sample_temperature, args.seed, start]
-                                    ).encode()).hexdigest()[:16]
-    path = os.path.join(args.out, f"parent_samples_{key}.npy")
-    if os.path.isfile(path):
+    key = hashlib.sha256(json.dumps([model, count, seq_len, temperature, seed, start]).encode()).hexdigest()[:16]
+    path = None if out_dir is None else os.path.join(out_dir, f"parent_samples_{key}.npy")
+    if path is not None and os.path.isfile(path):
         return np.load(path)
-    print(f"sampling {count} windows of {seq_len} tokens from the parent (temperature {args.sample_temperature})",
+    print(f"sampling {count} windows of {seq_len} tokens from the parent (temperature {temperature})",
           file=sys.stderr)
-    windows = np.asarray(sample_windows(config, params, count, seq_len, start, args.sample_temperature, args.seed))
-    if jax.process_index() == 0:
+    windows = np.asarray(sample_windows(config, params, count, seq_len, start, temperature, seed))
+    if path is not None and jax.process_index() == 0:
         np.save(path + ".tmp.npy", windows)
         os.replace(path + ".tmp.npy", path)
     return windows
@@ -199,8 +207,9 @@ def cmd_family(args):
     needed = sum(schedule.steps(s) for s in schedule.stages) * schedule.batch_size * schedule.heal.grad_accum
     needed = max(needed, schedule.calibration_windows, 1)
     os.makedirs(args.out, exist_ok=True)
-    samples = parent_samples(args, config, params, tokenizer, max(sampled_share(args.data, needed), sampled_share(
-        calibration_spec, schedule.calibration_windows)), schedule.seq_len)
+    samples = parent_samples(args.parent, config, params, tokenizer, max(sampled_share(args.data, needed),
+                             sampled_share(calibration_spec, schedule.calibration_windows)), schedule.seq_len,
+                             args.sample_temperature, args.seed, args.out)
     heal_data = load_mixture(args.data, tokenizer, schedule.seq_len, data_dir=args.data_dir,
                              max_windows=needed if "tfds:" in args.data else None,
                              samples=samples if PARENT_SAMPLES in parse_mixture(args.data) else None)
@@ -273,7 +282,7 @@ def cmd_family(args):
 def cmd_compress(args):
     """One member straight from a model: calibrate, allocate ranks for a parameter budget, decompose."""
     from plrd_jax.calibrate import calibrate
-    from plrd_jax.data import load_mixture
+    from plrd_jax.data import load_mixture, sampled_share
     from plrd_jax.evaluate import geometric_mean, perplexities
     from plrd_jax.io.load import load_model
     from plrd_jax.model import count_params
@@ -296,8 +305,13 @@ def cmd_compress(args):
                     multiple_of=args.multiple_of, decomposition=decomposition)
     stats = None
     if decomposition.needs_stats or args.allocation != "uniform":
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+        samples = parent_samples(args.model, config, params, tokenizer,
+                                 sampled_share(args.calibration_data, args.calibration_windows),
+                                 args.calibration_seq_len, args.sample_temperature, 0, args.out)
         calib = load_mixture(args.calibration_data, tokenizer, args.calibration_seq_len, data_dir=args.data_dir,
-                             max_windows=args.calibration_windows)
+                             max_windows=args.calibration_windows, samples=samples)
         if not (args.sequential and args.allocation == "uniform"):  # sequential takes its own statistics
             with progress_bar(len(calib), "calibrate", "win") as bar:
                 stats = calibrate(config, params, calib.windows, fisher=decomposition.needs_fisher,
@@ -642,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity over non-overlapping windows")
     e.add_argument("--model", default=DEFAULT_MODEL)
     e.add_argument("--data", default="wikitext2-test",
-                   help="pydoc, wikitext2-test, wikitext2-heal, wikitext2-eval, tinyshakespeare, a file/glob, tfds:NAME")
+                   help="pydoc, wikitext2-test, wikitext2-heal, wikitext2-eval, tinyshakespeare, books[-heal|-eval], "
+                        "speeches[-heal|-eval], a file/glob, tfds:NAME; several comma-separated")
     e.add_argument("--data-dir", default=None, help="TFDS data_dir (e.g. gs://bucket/tfds)")
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--max-tokens", type=int, default=None, help="score only the first ceil(N/seq_len) windows")
@@ -680,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", "--heal-data", dest="data", default=DEFAULT_HEAL_DATA,
                    help="healing text: a source (see eval --data) or a weighted mixture A=w,B=w or a JSON file "
                         "{source: weight}; the source parent-samples is text the parent writes itself "
-                        "(default: the training splits of WikiText-2, books and speeches)")
+                        "(default: the training splits of WikiText-2, books and speeches, and parent-samples)")
     f.add_argument("--sample-temperature", type=float, default=1.0,
                    help="temperature of the parent-samples source (text the parent writes itself)")
     f.add_argument("--calibration-data", default=None,
@@ -737,6 +752,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration-data", default=DEFAULT_HEAL_DATA,
                    help="a source or weighted mixture (A=w,B=w), disjoint from every --eval-data corpus")
     c.add_argument("--calibration-windows", type=int, default=32)
+    c.add_argument("--sample-temperature", type=float, default=1.0,
+                   help="temperature of the parent-samples source (text the parent writes itself)")
     c.add_argument("--sequential", action="store_true",
                    help="calibrate layer by layer: each layer's statistics from the inputs the already compressed "
                         "layers before it produce (ranks still from the one-pass statistics)")

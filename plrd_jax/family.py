@@ -7,8 +7,8 @@ Presets (`PRESETS`). The PLRD paper does not publish its exact rank schedule; th
   plrd            embedded parent (SmolLM2-135M): members at 90, 75, 60, 50, 40 % of the parent's parameters
                   (embeddings included), one shared rank fraction over every attention and MLP matrix per
                   member; whitened factors (SVD-LLM: plain SVD of this 576-wide parent is already at PPL ≈1e7 at
-                  90% of the parameters, before healing); a small CPU healing budget per stage (the README's
-                  main job).
+                  90% of the parameters, before healing); a small CPU healing budget per stage, half
+                  cross-entropy and half distillation from the parent (the README's main job).
   plrd-tpu        the same sizes with paper-scale healing (≈1B tokens in all), for TPU runs.
   mistral-7b-3.1b Mistral-7B-v0.1 → ≈3.1B: uniform rank 1088 on every attention and MLP matrix (k and v,
                   1024 wide, stay dense: a rank ≥ their break-even saves nothing), reached through ranks 2048
@@ -112,7 +112,8 @@ def _stages(fractions, tokens, prefix="plrd"):
 
 SIZES = (0.9, 0.75, 0.6, 0.5, 0.4)
 PRESETS: dict[str, Schedule] = {
-    "plrd": Schedule(_stages(SIZES, 8 * 4 * 256), decomposition="whitened"),
+    "plrd": Schedule(_stages(SIZES, 8 * 4 * 256), decomposition="whitened",
+                     heal=HealConfig(lr=2e-4, warmup_steps=2, total_steps=2, kd_weight=0.5)),
     "plrd-tpu": Schedule(_stages(SIZES, 200_000_000), batch_size=64, seq_len=2048, decomposition="whitened",
                          heal=HealConfig(lr=1e-4, warmup_steps=100, total_steps=100)),
     # Minitron-style baseline at the main job's budget: each member pruned one-shot from the parent by activation
