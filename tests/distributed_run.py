@@ -45,7 +45,7 @@ def main(out):
     store.close()
     if is_main_process():
         with open(f"{out}.json", "w") as f:
-            json.dump({"losses": losses, "ppl_after": [r.ppl_after for r in results],
+            json.dump({"losses": losses, "ppl_after": [r.ppl_after["eval"] for r in results],
                        "devices": jax.device_count(), "processes": jax.process_count()}, f)
     with main_process_output():
         print(f"process {INFO.process_id} of {INFO.num_processes} finished", flush=True)
