@@ -45,12 +45,12 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/tokens")
     ap.add_argument("--results", default=os.path.join(HERE, "results", "token_curve"))
     args = ap.parse_args(argv)
-    budgets = [int(x) for x in args.tokens.split(",")]
+    budgets = sorted(int(x) for x in args.tokens.split(","))
     losses = args.losses.split(",")
     if any(name not in LOSSES for name in losses):
         raise SystemExit(f"--losses: expected some of {', '.join(LOSSES)}")
-    for loss in losses:
-        for t in budgets:
+    for t in reversed(budgets):  # the longest runs first
+        for loss in losses:
             run([sys.executable, "-m", "plrd_jax", "family", "--schedule", "0.9,0.75", "--heal-tokens", f"8192,{t}",
                  "--out", os.path.join(args.out, f"{loss}-{t}"), *LOSSES[loss]])
 
