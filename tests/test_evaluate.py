@@ -95,3 +95,33 @@ def test_parent_wikitext2_perplexity_equals_hf_torch_on_the_same_windows():
     assert ours.tokens == count == 8 * 511
     assert abs(ours.ppl - theirs) / theirs <= 1e-3, (ours.ppl, theirs)
     assert abs(ours.ppl - 30.148) / 30.148 <= 1e-3  # the reference figure measured with HF alone
+
+
+def test_geometric_mean_of_ratios_and_the_eval_command_on_several_corpora(tmp_path, capsys):
+    """geomean_ratio is the closed form (Π r_i)^(1/n); `eval --data A,B` prints one line per corpus whose PPL
+    equals `perplexity` on that corpus's windows."""
+    import json
+
+    from plrd_jax.cli import main
+    from plrd_jax.data import load_dataset
+    from plrd_jax.evaluate import geomean_ratio, ratios_to_parent
+    from plrd_jax.io.hf import save_hf
+    from plrd_jax.io.load import load_model
+    from test_io_hf import small_tokenizer
+
+    assert ratios_to_parent({"a": 4.0, "b": 9.0}, {"a": 2.0, "b": 1.0}) == {"a": 2.0, "b": 9.0}
+    np.testing.assert_allclose(geomean_ratio({"a": 4.0, "b": 9.0}, {"a": 2.0, "b": 1.0}), math.sqrt(18.0))
+    config = ModelConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                         num_kv_heads=2, max_seq_len=64)
+    save_hf(init_params(config, seed=0), config, tmp_path / "m", tokenizer=small_tokenizer(full_byte_alphabet=True))
+    (tmp_path / "a.txt").write_text("the cat sat on the mat. " * 30)
+    (tmp_path / "b.txt").write_text("def f(x): return x\n" * 30)
+    names = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", ",".join(names), "--seq-len", "32",
+                 "--max-tokens", "64", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["data"]["source"] for r in records] == names
+    config, params, tokenizer = load_model(str(tmp_path / "m"))
+    for name, record in zip(names, records):
+        windows = load_dataset(name, tokenizer, 32, max_windows=2).windows
+        np.testing.assert_allclose(record["ppl"], perplexity(config, params, windows).ppl, rtol=1e-6)
