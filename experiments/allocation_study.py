@@ -76,7 +76,7 @@ def main(argv=None):
                         + [f"{r:.2f}" for r in ratios] + [f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}"])
     table = markdown_table(rows, columns)
     text = (f"Calibration: {first['calibration']}; no healing; `python experiments/allocation_study.py "
-            f"--reductions {args.reductions}`.\n\n{table}")
+            f"--reductions {args.reductions} --variants {args.variants}`.\n\n{table}")
     with open(args.results + ".md", "w") as f:
         f.write(text)
     write_csv(args.results + ".csv", rows, columns)

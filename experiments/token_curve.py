@@ -42,6 +42,7 @@ def main(argv=None):
     ap.add_argument("--tokens", default="8192,32768,131072")
     ap.add_argument("--losses", default="ce,default")
     ap.add_argument("--target", type=float, default=5.0, help="ratio to the parent the unseen corpora should reach")
+    ap.add_argument("--no-run", action="store_true", help="only tabulate the runs that are finished")
     ap.add_argument("--out", default="runs/tokens")
     ap.add_argument("--results", default=os.path.join(HERE, "results", "token_curve"))
     args = ap.parse_args(argv)
@@ -49,7 +50,7 @@ def main(argv=None):
     losses = args.losses.split(",")
     if any(name not in LOSSES for name in losses):
         raise SystemExit(f"--losses: expected some of {', '.join(LOSSES)}")
-    for t in reversed(budgets):  # the longest runs first
+    for t in ([] if args.no_run else reversed(budgets)):  # the longest runs first
         for loss in losses:
             run([sys.executable, "-m", "plrd_jax", "family", "--schedule", "0.9,0.75", "--heal-tokens", f"8192,{t}",
                  "--out", os.path.join(args.out, f"{loss}-{t}"), *LOSSES[loss]])
@@ -65,13 +66,17 @@ def main(argv=None):
     curves, unseen, corpora = {}, [], []
     for loss in losses:
         for t in budgets:
-            member = FamilyStore(os.path.join(args.out, f"{loss}-{t}"), read_only=True).members()[-1]
+            directory = os.path.join(args.out, f"{loss}-{t}")
+            members = FamilyStore(directory, read_only=True).members() if os.path.isdir(directory) else []
+            if len(members) < 2:
+                continue  # not run (or not finished): left out of the curve
+            member = members[-1]
             parent, unseen, corpora = member["parent_ppl"], member["data"]["unseen"], list(member["parent_ppl"])
             curves.setdefault(loss, []).append((t, {c: member["ppl_after"][c] / parent[c] for c in corpora}))
     fig, axes = plt.subplots(1, len(losses), figsize=(5.2 * len(losses), 4.2), sharey=True, squeeze=False)
     rows = []
     for ax, loss in zip(axes[0], losses):
-        points = curves[loss]
+        points = curves.get(loss, [])
         for c in corpora:
             ax.plot([t for t, _ in points], [r[c] for _, r in points], marker="o",
                     linestyle="--" if c in unseen else "-", label=f"{c}{' (unseen)' if c in unseen else ''}")
@@ -92,10 +97,21 @@ def main(argv=None):
     lines = []
     for loss in losses:
         for c in unseen:
-            points = curves[loss]
+            points = curves.get(loss, [])
+            if not points:
+                continue
             at = crossing([t for t, _ in points], [r[c] for _, r in points], args.target)
-            lines.append(f"- {loss}, {c}: ≤ {args.target:g}× " + (f"from about {at:,.0f} tokens" if at else
-                                                                    f"not reached by {budgets[-1]:,} tokens"))
+            if at:
+                lines.append(f"- {loss}, {c}: ≤ {args.target:g}× from about {at:,.0f} tokens")
+                continue
+            note = f"- {loss}, {c}: ≤ {args.target:g}× not reached by {points[-1][0]:,} tokens"
+            (t0, r0), (t1, r1) = ((points[-2][0], points[-2][1][c]), (points[-1][0], points[-1][1][c])) if len(
+                points) > 1 else ((None, None), (None, None))
+            if t0 and r1 < r0:  # the last two points' power law, continued
+                slope = (math.log(r1) - math.log(r0)) / (math.log(t1) - math.log(t0))
+                note += f"; their power law (ratio ∝ tokens^{slope:.2f}) reaches it near " \
+                        f"{math.exp(math.log(t1) + (math.log(args.target) - math.log(r1)) / slope):,.0f} (extrapolated)"
+            lines.append(note)
     table = markdown_table(rows, ["loss", "tokens (75 % member)"] + [f"{c}{' (unseen)' if c in unseen else ''} ×"
                                                                      for c in corpora] + ["geo-mean ×"])
     text = (f"`python experiments/token_curve.py --tokens {args.tokens} --losses {args.losses}`: the 75 % member's "
