@@ -30,7 +30,7 @@ VARIANTS = {"uniform": ["--allocation", "uniform"], "energy": ["--allocation", "
 
 
 def stored(out):
-    from plrd_jax.store import FamilyStore
+    from plrd_jax.io.store import FamilyStore
 
     if not os.path.isdir(out):
         return {}
@@ -59,7 +59,7 @@ def main(argv=None):
             print("+", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
 
-    from plrd_jax.report import markdown_table, write_csv
+    from plrd_jax.reporting.summary import markdown_table, write_csv
 
     members = stored(args.out)
     first = next(iter(members.values()))

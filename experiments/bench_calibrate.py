@@ -1,4 +1,4 @@
-"""Calibration of the embedded parent: wall time of `plrd_jax.calibrate.calibrate` over N windows of T tokens
+"""Calibration of the embedded parent: wall time of `plrd_jax.transforms.calibrate.calibrate` over N windows of T tokens
 of the healing half of WikiText-2, with and without the per-window Fisher pass.
 
     python experiments/bench_calibrate.py [--windows 32] [--seq-len 512] [--batch-size 4] [--no-fisher]
@@ -38,8 +38,8 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from plrd_jax.calibrate import calibrate
-    from plrd_jax.data import load_dataset
+    from plrd_jax.transforms.calibrate import calibrate
+    from plrd_jax.data.corpora import load_dataset
     from plrd_jax.io.load import load_model
 
     config, params, tokenizer = load_model(args.model)

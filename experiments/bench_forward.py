@@ -38,7 +38,7 @@ def main():
     from transformers import AutoModelForCausalLM
 
     from plrd_jax.io.load import embedded_path, load_model
-    from plrd_jax.model import Decoder
+    from plrd_jax.nn.model import Decoder
 
     config, params, _ = load_model(args.model, dtype=args.dtype)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq_len)).astype(np.int32)

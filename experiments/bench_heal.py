@@ -13,7 +13,7 @@ On a GPU (e.g. an H100/H200 without the checkpoint at hand):
 Heal: the same parent (embedded GGUF, dequantized), batch, length and optimizer (AdamW, clip 1.0), plain
 cross-entropy; each side in a process of its own (so neither runtime's idle worker threads take the cores
 during the other's step), the two taking turns for --steps rounds after a warm-up step each; median step time.
-MFU = tokens/s · model FLOPs per token (6N + attention, `plrd_jax.train.model_flops_per_token`) / the machine's
+MFU = tokens/s · model FLOPs per token (6N + attention, `plrd_jax.training.step.model_flops_per_token`) / the machine's
 peak (--peak-gflops: measured float32 matmul peak of this CPU, or the accelerator's dense bf16 peak).
 --config-json: random weights of that `ModelConfig` instead of the checkpoint (speed does not depend on the
 values). bfloat16: compute in bf16 with float32 master weights on both sides (torch: `autocast`); on a GPU torch
@@ -43,7 +43,7 @@ DECODE_STEPS = 16  # per timed call of the decode latency
 
 
 def values_passthrough(q, k, v, positions, k_pos, z_head, dtype, blocks=1):
-    """Stands in for `plrd_jax.model.masked_attention` in --no-attention-core: no scores, softmax or P·V, only
+    """Stands in for `plrd_jax.nn.model.masked_attention` in --no-attention-core: no scores, softmax or P·V, only
     q plus the mean of k + v over the keys (so that no projection is optimized away), in its output shape."""
     B, T, H, hd = q.shape
     KV = k.shape[2]
@@ -52,10 +52,10 @@ def values_passthrough(q, k, v, positions, k_pos, z_head, dtype, blocks=1):
 
 
 def decode_steps(config, params, cache_len: int, steps: int):
-    """Argument-less: `steps` greedy generation steps (`plrd_jax.generate.decode_step`, batch 1) at the last
+    """Argument-less: `steps` greedy generation steps (`plrd_jax.evaluation.generate.decode_step`, batch 1) at the last
     positions of a KV cache of `cache_len`, waited for."""
-    from plrd_jax.generate import decode_step
-    from plrd_jax.model import init_cache
+    from plrd_jax.evaluation.generate import decode_step
+    from plrd_jax.nn.model import init_cache
 
     state = {"token": jnp.zeros((1,), jnp.int32), "cache": init_cache(config, 1, cache_len)}
     key = jax.random.key(0)
@@ -70,9 +70,9 @@ def decode_steps(config, params, cache_len: int, steps: int):
 
 def load_parent(args):
     """(config, params) of the parent: the checkpoint (--model), or random weights of --config-json."""
-    from plrd_jax.config import ModelConfig
+    from plrd_jax.nn.config import ModelConfig
     from plrd_jax.io.load import load_model
-    from plrd_jax.model import init_params
+    from plrd_jax.nn.model import init_params
 
     if args.config_json:
         with open(args.config_json) as f:
@@ -85,8 +85,8 @@ def load_parent(args):
 def plrd_jax_heal_step(args, tokens):
     """One plrd_jax heal step (`make_heal_step`: AdamW, clip 1.0, cross-entropy) on tokens (1, B, T), as a
     function, after a warm-up step."""
-    from plrd_jax.sharding import make_mesh, param_shardings
-    from plrd_jax.train import HealConfig, init_train_state, make_heal_step
+    from plrd_jax.nn.sharding import make_mesh, param_shardings
+    from plrd_jax.training.step import HealConfig, init_train_state, make_heal_step
 
     config, params = load_parent(args)
     mesh = make_mesh((1, -1, 1))
@@ -172,8 +172,8 @@ def main():
     keep_freed_memory()  # restarts this script once, with malloc keeping freed memory (see timing.py)
 
     from plrd_jax.io.load import cast, load_model
-    from plrd_jax.model import Decoder, count_params
-    from plrd_jax.train import model_flops_per_token
+    from plrd_jax.nn.model import Decoder, count_params
+    from plrd_jax.training.step import model_flops_per_token
     from plrd_jax.transforms import RankPlan, factorize
 
     if args.config_json and not os.path.isfile(args.config_json):
@@ -188,7 +188,7 @@ def main():
     if args.seq_len < DECODE_STEPS:
         raise SystemExit(f"error: --seq-len {args.seq_len}: the decode latency needs at least {DECODE_STEPS} positions")
     if args.family:  # checked before the minutes of heal steps
-        from plrd_jax.store import FamilyStore, StoreError
+        from plrd_jax.io.store import FamilyStore, StoreError
 
         try:
             if not FamilyStore(args.family, read_only=True).members():
@@ -228,7 +228,7 @@ def main():
     def members():
         yield "parent", config, params
         if args.family:  # the members of a stored family, by name
-            from plrd_jax.store import FamilyStore
+            from plrd_jax.io.store import FamilyStore
 
             for meta in FamilyStore(args.family, read_only=True).members():
                 cfg, p, _ = load_model(f"{args.family}:{meta['member']}")
@@ -247,7 +247,7 @@ def main():
             yield f"rank {round(fraction * config.hidden_size)}", cfg, p
 
     compiled = []
-    ablation = (mock.patch("plrd_jax.model.masked_attention", values_passthrough) if args.no_attention_core
+    ablation = (mock.patch("plrd_jax.nn.model.masked_attention", values_passthrough) if args.no_attention_core
                 else contextlib.nullcontext())
     with ablation:  # traced (and compiled) inside: the executables keep the stand-in
         for name, cfg, p in members():

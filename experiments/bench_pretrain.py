@@ -7,12 +7,12 @@ memory and step time (CoLA-M = CoLA with remat "bottleneck").
 Sparse: forward + backward of y = x((α/r) A B + S), r = d_in/4, δ = 0.03, through "scatter" (S scattered into a
 dense (α/r) A B, one matmul) and "gather" (gather x's rows, segment-sum into columns), for token counts from
 decoding (1) to a training micro-batch (2048); which is faster, and whether "auto"
-(`plrd_jax.linears.choose_sparse_method`) picks it. Gather at tokens × nnz > 2·10⁸ is skipped (its (nnz, tokens)
+(`plrd_jax.nn.linears.choose_sparse_method`) picks it. Gather at tokens × nnz > 2·10⁸ is skipped (its (nnz, tokens)
 temporaries alone would need gigabytes).
-Remat: the full train step (`plrd_jax.train.make_heal_step`, AdamW, float32) of the CPU-study model (llama-20m shape:
+Remat: the full train step (`plrd_jax.training.step.make_heal_step`, AdamW, float32) of the CPU-study model (llama-20m shape:
 d 256, 4 layers, intermediate 688, untied head; --vocab-size defaults to the study's compacted vocabulary) per
 method and policy; peak = arguments + outputs + temporaries − donated, from XLA's memory analysis of the compiled
-step (with XLA:CPU's barrier-expanding pass off, see `plrd_jax.pretrain.compiler_options`); step time = median over
+step (with XLA:CPU's barrier-expanding pass off, see `plrd_jax.methods.pretrain.compiler_options`); step time = median over
 --rounds rounds that visit every configuration once each (interleaved, so load from other processes on a shared
 machine spreads over all of them).
 """
@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plrd_jax.linears import choose_sparse_method, sltrain_matmul, sparse_support
-from plrd_jax.pretrain import compile_train_step, init_params, model_config, recipe
-from plrd_jax.report import markdown_table, write_csv
-from plrd_jax.sharding import make_mesh, param_shardings
-from plrd_jax.train import init_train_state
+from plrd_jax.nn.linears import choose_sparse_method, sltrain_matmul, sparse_support
+from plrd_jax.methods.pretrain import compile_train_step, init_params, model_config, recipe
+from plrd_jax.reporting.summary import markdown_table, write_csv
+from plrd_jax.nn.sharding import make_mesh, param_shardings
+from plrd_jax.training.step import init_train_state
 
 
 def table(rows):

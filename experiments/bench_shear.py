@@ -3,9 +3,9 @@
     python experiments/bench_shear.py [--model smollm2-135m] [--batch 4] [--seq-len 256] [--steps 5]
         [--target 22,480,6,2,1344] [--dtype float32] [--out experiments/results]
 
-Both steps train the same parent on the same batches (grad_accum 1): the heal step is plrd_jax.train's
+Both steps train the same parent on the same batches (grad_accum 1): the heal step is plrd_jax.training.step's
 (AdamW, clip, cross-entropy); the pruning step adds one hard-concrete sample of every mask, the masked forward
-and backward, the Lagrangian and the log α / λ updates (plrd_jax.shear.make_prune_step). Steps alternate
+and backward, the Lagrangian and the log α / λ updates (plrd_jax.methods.sheared.make_prune_step). Steps alternate
 (heal, prune, heal, …) after one compile step each, so that load on a shared machine hits both alike; the
 median step time of each is reported. Writes shear_bench.json and shear_bench.md into --out.
 """
@@ -33,11 +33,11 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
 
-    from plrd_jax import masks as M
+    import plrd_jax.nn.masks as M
     from plrd_jax.io.load import load_model
-    from plrd_jax.shear import L0Config, init_prune_state, make_prune_step
-    from plrd_jax.sharding import make_mesh, param_shardings
-    from plrd_jax.train import HealConfig, init_train_state, make_heal_step
+    from plrd_jax.methods.sheared import L0Config, init_prune_state, make_prune_step
+    from plrd_jax.nn.sharding import make_mesh, param_shardings
+    from plrd_jax.training.step import HealConfig, init_train_state, make_heal_step
 
     config, params, _ = load_model(args.model)
     layers, hidden, heads, kv, inter = (int(x) for x in args.target.split(","))

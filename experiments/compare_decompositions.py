@@ -10,9 +10,9 @@ members, and the reproduction of the reference numbers of docs/methods.md §7.
 Setup (fixed, so the numbers compare):
   parent       smollm2-135m (the embedded GGUF, dequantized to float32), 134.5M parameters
   calibration  wikitext2-heal (the first 31 articles of wiki.test.raw), its first 32 windows of 512 tokens
-               (16,384 tokens), XᵀX, mean |x| and per-window Fisher rows (`plrd_jax.calibrate`, fisher=True)
+               (16,384 tokens), XᵀX, mean |x| and per-window Fisher rows (`plrd_jax.transforms.calibrate`, fisher=True)
   evaluation   wikitext2-eval (the other 31 articles, disjoint), its first 8 windows of 512 tokens:
-               mean NLL over 8 × 511 = 4,088 predicted tokens (`plrd_jax.evaluate.perplexity`)
+               mean NLL over 8 × 511 = 4,088 predicted tokens (`plrd_jax.evaluation.perplexity.perplexity`)
   members      every q, k, v, o, gate, up, down of the 30 layers may be factorized (or kept dense); ranks are
                multiples of 8; a member at reduction x has (1 − x) · 134.5M parameters (embeddings included),
                within 1 % (`allocate_ranks`)
@@ -126,11 +126,11 @@ def main():
     ap.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS, help="fewer for a quick check only")
     args = ap.parse_args()
 
-    from plrd_jax.calibrate import MatrixStats, calibrate
-    from plrd_jax.data import load_dataset, load_documents, pack, tokenize
-    from plrd_jax.evaluate import perplexity
+    from plrd_jax.transforms.calibrate import MatrixStats, calibrate
+    from plrd_jax.data.corpora import load_dataset, load_documents, pack, tokenize
+    from plrd_jax.evaluation.perplexity import perplexity
     from plrd_jax.io.load import load_model
-    from plrd_jax.model import count_params
+    from plrd_jax.nn.model import count_params
     from plrd_jax.transforms import describe_scaling, factorize, plot_rank_heatmap, sparse_plus_lowrank
     from plrd_jax.transforms.allocate import allocate_ranks, compute_spectra, selected_paths
 
@@ -259,8 +259,8 @@ def main():
 
     # ---- healing ----
     if not args.no_heal:
-        from plrd_jax.sharding import make_mesh, param_shardings
-        from plrd_jax.train import HealConfig, init_train_state, make_heal_step
+        from plrd_jax.nn.sharding import make_mesh, param_shardings
+        from plrd_jax.training.step import HealConfig, init_train_state, make_heal_step
 
         heal_data = load_dataset("wikitext2-heal", tokenizer, HEAL_SEQ)
         heal = HealConfig(lr=2e-4, warmup_steps=min(4, args.heal_steps), total_steps=args.heal_steps, b1=0.9,
@@ -320,7 +320,7 @@ def main():
 
 
 def write_report(results, args, reductions, combos, ranking):
-    from plrd_jax.report import markdown_table, write_csv
+    from plrd_jax.reporting.summary import markdown_table, write_csv
 
     members, n_parent = results["members"], results["setup"]["parent_params"]
     cols = ["decomposition", "allocation"] + [f"{x:.0%}" for x in reductions]

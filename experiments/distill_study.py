@@ -42,7 +42,7 @@ def run(cmd):
 
 def step_seconds(directory: str) -> float:
     """Mean seconds of a timed heal step (the first step of each process compiles and is not timed)."""
-    from plrd_jax.store import FamilyStore
+    from plrd_jax.io.store import FamilyStore
 
     members = FamilyStore(directory, read_only=True).members()
     return sum(m["heal_s"] for m in members) / sum(m["heal_steps_timed"] for m in members)

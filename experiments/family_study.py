@@ -19,13 +19,13 @@ import argparse
 import math
 import os
 
-from plrd_jax.report import fmt_ppl, markdown_table, write_csv
+from plrd_jax.reporting.summary import fmt_ppl, markdown_table, write_csv
 
 
 def load(directory: str, method: str | None) -> tuple[list[dict], dict]:
     """(one record per finished member: name, params, fraction, tokens, wall_s, ppl_before, ppl_after; the first
     member's metadata)."""
-    from plrd_jax.store import FamilyStore
+    from plrd_jax.io.store import FamilyStore
 
     store = FamilyStore(directory, read_only=True)
     members = [m for m in store.members() if method is None or m.get("method", "plrd") == method]

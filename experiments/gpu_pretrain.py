@@ -5,7 +5,7 @@ tokens/s, model FLOP utilization, compiled peak memory and the validation perple
         [--methods full,cola,sltrain] [--steps 80] [--batch-size 256] [--seq-len 256] [--peak-tflops 989]
         [--json OUT]
 
-Each (preset, method) is `plrd_jax.pretrain.pretrain` with the method's published recipe (lr, warmup, weight
+Each (preset, method) is `plrd_jax.methods.pretrain.pretrain` with the method's published recipe (lr, warmup, weight
 decay, clipping) scaled to --steps, float32 master weights and bfloat16 compute, batches of --batch-size windows of
 wikitext2-heal, validation on the first 64 windows of the disjoint wikitext2-eval. The tokenizer is the one of
 the embedded parent (SmolLM2, 49,152 ids; GaLore's T5 tokenizer needs the Hugging Face hub). WikiText-2's heal
@@ -37,10 +37,10 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from plrd_jax.data import DataError, load_dataset
-    from plrd_jax.pretrain import PretrainError, WindowBatches, load_tokenizer, model_config, pretrain, recipe
-    from plrd_jax.report import markdown_table
-    from plrd_jax.train import model_flops_per_token
+    from plrd_jax.data.corpora import DataError, load_dataset
+    from plrd_jax.methods.pretrain import PretrainError, WindowBatches, load_tokenizer, model_config, pretrain, recipe
+    from plrd_jax.reporting.summary import markdown_table
+    from plrd_jax.training.step import model_flops_per_token
 
     try:  # every preset, method and input checked before the first run
         runs = [(preset, method, recipe(preset, method, steps=args.steps, batch_size=args.batch_size,

@@ -3,7 +3,7 @@
 #
 #   PLRD_SHARED_DATA=DATA_DIR bash experiments/gpu_runs.sh OUT_DIR TOKENIZER_DIR
 #
-# DATA_DIR: the shared data folder (WikiText-2, see plrd_jax.data); TOKENIZER_DIR: the embedded parent's
+# DATA_DIR: the shared data folder (WikiText-2, see plrd_jax.data.corpora); TOKENIZER_DIR: the embedded parent's
 # tokenizer (any family directory's tokenizer/ folder). The parent's weights are not needed: the heal benchmark
 # uses random weights of its shape (experiments/configs/smollm2-135m.json). Each part has its own time limit,
 # so one failing part does not stop the others.

@@ -7,7 +7,7 @@ tokens on local text; a table (parameters, compiled peak memory, tokens/s, valid
 
 Model: the llama-20m preset's shape (GaLore's configs/llama_20m.json: d 256, 4 layers, 4 heads, intermediate 688,
 untied head), r = d/4 = 64 for the factorized methods (the papers' ratio), SLTrain δ 0.03, α 16 (α/r = 1/4,
-its 60M setting's ratio). Each method uses its paper's recipe (`plrd_jax.pretrain.recipe`: lr, weight decay,
+its 60M setting's ratio). Each method uses its paper's recipe (`plrd_jax.methods.pretrain.recipe`: lr, weight decay,
 clipping, warmup fraction) scaled to --steps, float32 on CPU (no bfloat16 speed-up on this machine).
 Text: WikiText-2 test split by article, the first half (`wikitext2-heal`) for training, the disjoint second half
 (`wikitext2-eval`, its first --eval-windows windows in file order) for validation, tokenized with the embedded
@@ -30,9 +30,9 @@ import time
 
 import numpy as np
 
-from plrd_jax.data import load_dataset
-from plrd_jax.pretrain import WindowBatches, load_tokenizer, model_config, parameter_counts, pretrain, recipe
-from plrd_jax.report import markdown_table, write_csv
+from plrd_jax.data.corpora import load_dataset
+from plrd_jax.methods.pretrain import WindowBatches, load_tokenizer, model_config, parameter_counts, pretrain, recipe
+from plrd_jax.reporting.summary import markdown_table, write_csv
 
 # GaLore benchmark (C4, 60M / 130M / 350M / 1B) validation perplexity. Full rank, low rank: GaLore Table 2;
 # CoLA, SLTrain: their papers' rows on the same setup as given in docs/methods.md (not re-checked here).

@@ -10,7 +10,7 @@ windows of seq_len), with the same model optimizer (AdamW lr, 10% warmup, cosine
 clip 1.0):
   sheared          pruning on the tokens of `prune_steps` steps, read as batches of `prune_batch` (default the
                    same batch; 1 gives four times as many mask updates on the same tokens), with learned masks
-                   and the Lagrangian (plrd_jax.shear); the final masks folded into a dense model of exactly the
+                   and the Lagrangian (plrd_jax.methods.sheared); the final masks folded into a dense model of exactly the
                    target shape, then `steps − prune_steps` steps of continued training; one domain, so dynamic
                    loading has nothing to move
   plrd-svd         a rank plan over every attention and MLP matrix with the Sheared member's exact parameter count
@@ -50,9 +50,9 @@ def non_embedding(params) -> int:
 
 
 def heal_member(config, params, heal_data, args, seed=0):
-    """`args.steps` healing steps (plrd_jax.train) on heal_data's windows in order; returns healed params."""
-    from plrd_jax.sharding import make_mesh, param_shardings
-    from plrd_jax.train import HealConfig, init_train_state, make_heal_step
+    """`args.steps` healing steps (plrd_jax.training.step) on heal_data's windows in order; returns healed params."""
+    from plrd_jax.nn.sharding import make_mesh, param_shardings
+    from plrd_jax.training.step import HealConfig, init_train_state, make_heal_step
 
     mesh = make_mesh()
     heal = HealConfig(lr=args.lr, warmup_steps=max(1, round(0.1 * args.steps)), total_steps=args.steps)
@@ -73,7 +73,7 @@ def hf_logits_check(member_dir, config, params, tokenizer, windows) -> float:
     from transformers import AutoModelForCausalLM
 
     from plrd_jax.io.hf import save_hf
-    from plrd_jax.model import Decoder
+    from plrd_jax.nn.model import Decoder
 
     save_hf(params, config, member_dir, tokenizer=tokenizer)
     model = AutoModelForCausalLM.from_pretrained(member_dir, dtype=torch.float32).eval()
@@ -97,17 +97,17 @@ def main():
     ap.add_argument("--skip-domains", action="store_true")
     args = ap.parse_args()
 
-    from plrd_jax import dynamic_loading as dl
-    from plrd_jax import masks as M
-    from plrd_jax.calibrate import calibrate
-    from plrd_jax.data import load_dataset
-    from plrd_jax.evaluate import perplexity
+    import plrd_jax.data.dynamic_loading as dl
+    import plrd_jax.nn.masks as M
+    from plrd_jax.transforms.calibrate import calibrate
+    from plrd_jax.data.corpora import load_dataset
+    from plrd_jax.evaluation.perplexity import perplexity
     from plrd_jax.io.load import load_model
-    from plrd_jax.model import count_params
-    from plrd_jax.report import markdown_table, plot_ppl_vs_params, write_csv
-    from plrd_jax.shear import ShearMember, ShearSchedule, run_shear
-    from plrd_jax.store import FamilyStore, load_member
-    from plrd_jax.train import HealConfig
+    from plrd_jax.nn.model import count_params
+    from plrd_jax.reporting.summary import markdown_table, plot_ppl_vs_params, write_csv
+    from plrd_jax.methods.sheared import ShearMember, ShearSchedule, run_shear
+    from plrd_jax.io.store import FamilyStore, load_member
+    from plrd_jax.training.step import HealConfig
     from plrd_jax.transforms import RankPlan, reduce_rank
 
     os.makedirs(args.work, exist_ok=True)

@@ -5,7 +5,7 @@
 
 Writes a float16 HF checkpoint (sharded like transformers': the embedding, one shard per layer, the LM head)
 with the shapes of LLaMA-2-7B (d 4096, MLP 11008, vocab 32000) but only `--layers` layers, then factorizes it
-with `plrd_jax.streaming.factorize_streamed` (with --prune: `prune_streamed` to Sheared-LLaMA-2.7B's widths,
+with `plrd_jax.io.streaming.factorize_streamed` (with --prune: `prune_streamed` to Sheared-LLaMA-2.7B's widths,
 d 2560, 20 heads, intermediate 6912, every kept unit scaled by a mask value in [0.5, 1.5)) in a child process that samples its own RSS (psutil, every
 5 ms) and reports the peak per tensor and per layer; ru_maxrss gives the overall peak. The fixed overhead is
 the child's RSS after importing jax/orbax and starting the CPU backend, before the first tensor.
@@ -34,7 +34,7 @@ def write_checkpoint(directory: Path, layers: int, seed: int = 0) -> Path:
     from safetensors.numpy import save_file
 
     sys.path.insert(0, str(ROOT))
-    from plrd_jax.config import ModelConfig
+    from plrd_jax.nn.config import ModelConfig
     from plrd_jax.io.hf import config_to_hf, hf_layout
 
     config = ModelConfig(num_layers=layers, param_dtype="float16", dtype="float16")
@@ -85,7 +85,7 @@ def child(checkpoint: str, family: str, rank: int, matrices: str, out: str, prun
     sys.path.insert(0, str(ROOT))
     import jax
 
-    from plrd_jax.streaming import factorize_streamed, prune_streamed
+    from plrd_jax.io.streaming import factorize_streamed, prune_streamed
     from plrd_jax.transforms import RankPlan
 
     jax.devices()
@@ -126,7 +126,7 @@ def child(checkpoint: str, family: str, rank: int, matrices: str, out: str, prun
 
 
 def report(result: dict, layers: int) -> str:
-    from plrd_jax.config import ModelConfig
+    from plrd_jax.nn.config import ModelConfig
     from plrd_jax.io.hf import hf_layout
 
     config = ModelConfig(num_layers=layers)

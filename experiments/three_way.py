@@ -41,9 +41,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from plrd_jax.io.load import load_model
-    from plrd_jax.minitron import target_for_budget
-    from plrd_jax.model import count_params
-    from plrd_jax.store import FamilyStore
+    from plrd_jax.methods.minitron import target_for_budget
+    from plrd_jax.nn.model import count_params
+    from plrd_jax.io.store import FamilyStore
 
     budgets = [float(x) for x in args.budgets.split(",")]
     plrd = {round(m["compression"], 2): m["name"] for m in FamilyStore(args.plrd, read_only=True).members()}

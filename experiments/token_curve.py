@@ -60,8 +60,8 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from plrd_jax.report import markdown_table
-    from plrd_jax.store import FamilyStore
+    from plrd_jax.reporting.summary import markdown_table
+    from plrd_jax.io.store import FamilyStore
 
     curves, unseen, corpora = {}, [], []
     for loss in losses:

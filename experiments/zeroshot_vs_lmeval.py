@@ -66,7 +66,7 @@ def partial_continuation(doc):
 
 def make_tasks(out: Path, n: int = 40, seed: int = 0) -> dict[str, Path]:
     """Cloze and partial-context tasks from WikiText-2 test sentences (deterministic)."""
-    from plrd_jax.data import load_text
+    from plrd_jax.data.corpora import load_text
 
     text = load_text("wikitext2-test")
     sentences = [s.strip() + "." for s in text.replace("\n", " ").split(" . ")]
@@ -105,7 +105,7 @@ def member(config, params):
 
 
 def ours(model_config, params, tokenizer, tasks: dict[str, Path]) -> dict:
-    from plrd_jax.zeroshot import evaluate_task, load_task
+    from plrd_jax.evaluation.zeroshot import evaluate_task, load_task
 
     out = {}
     for name, path in tasks.items():
@@ -165,7 +165,7 @@ def main(argv=None):
         p.error("--lm-eval-python is required (or --make-tasks DIR)")
     from plrd_jax.io.hf import save_hf
     from plrd_jax.io.load import load_model
-    from plrd_jax.model import count_params
+    from plrd_jax.nn.model import count_params
 
     work = Path(args.work)
     subprocess.run(["rm", "-rf", str(work)], check=True)
@@ -187,7 +187,7 @@ def main(argv=None):
                          "lm_eval_seconds": next(iter(b.values()))["seconds"],
                          "lm_eval_command": next(iter(b.values()))["command"], "ours": a, "lm_eval": b}
     Path(args.out + ".json").write_text(json.dumps(report, indent=1))
-    lines = ["Zero-shot scores: plrd_jax (`plrd_jax.zeroshot`, JAX, float32, on the member's factors) against "
+    lines = ["Zero-shot scores: plrd_jax (`plrd_jax.evaluation.zeroshot`, JAX, float32, on the member's factors) against "
              "lm-evaluation-harness (`hf` backend, torch float32, on the dense export), same tasks, offline.", "",
              "| model | params | task | examples × choices | max abs Δ log-lik | max rel Δ | same predictions | "
              "acc ours / lm-eval | acc_norm ours / lm-eval |", "|---|---|---|---|---|---|---|---|---|"]

@@ -11,7 +11,7 @@ import sys
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[2]}"
 sys.path.insert(0, os.path.dirname(__file__))
 
-from plrd_jax.distributed import ProcessLocalData, initialize, is_main_process, main_process_output  # noqa: E402
+from plrd_jax.training.distributed import ProcessLocalData, initialize, is_main_process, main_process_output  # noqa: E402
 
 INFO = initialize()  # before anything touches a device
 
@@ -21,10 +21,10 @@ import json  # noqa: E402
 import jax  # noqa: E402
 
 from family_run import CONFIG, SCHEDULE, tiny_data  # noqa: E402
-from plrd_jax.family import run_family  # noqa: E402
-from plrd_jax.model import init_params  # noqa: E402
-from plrd_jax.sharding import batch_sharding, make_mesh  # noqa: E402
-from plrd_jax.store import FamilyStore  # noqa: E402
+from plrd_jax.methods.plrd import run_family  # noqa: E402
+from plrd_jax.nn.model import init_params  # noqa: E402
+from plrd_jax.nn.sharding import batch_sharding, make_mesh  # noqa: E402
+from plrd_jax.io.store import FamilyStore  # noqa: E402
 
 MESH_SHAPE = (1, -1, 1)  # every device of every process on the fsdp axis: batch and params split over hosts
 STAGES = tuple(dataclasses.replace(s, heal_tokens=4 * SCHEDULE.batch_size * SCHEDULE.seq_len) for s in SCHEDULE.stages)

@@ -10,13 +10,13 @@ import sys
 import jax
 import numpy as np
 
-from plrd_jax.config import ModelConfig
-from plrd_jax.data import TokenDataset
-from plrd_jax.family import Schedule, Stage
-from plrd_jax.family import run_family
-from plrd_jax.model import init_params
-from plrd_jax.store import FamilyStore
-from plrd_jax.train import HealConfig
+from plrd_jax.nn.config import ModelConfig
+from plrd_jax.data.corpora import TokenDataset
+from plrd_jax.methods.plrd import Schedule, Stage
+from plrd_jax.methods.plrd import run_family
+from plrd_jax.nn.model import init_params
+from plrd_jax.io.store import FamilyStore
+from plrd_jax.training.step import HealConfig
 
 CONFIG = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
                      num_kv_heads=2, max_seq_len=64, tie_embeddings=True)
@@ -45,7 +45,7 @@ def main(out, kill_member=None, kill_step=None):
     results = run_family("tiny", CONFIG, init_params(CONFIG, seed=0), SCHEDULE, heal, evals, store,
                          save_every=2, eval_batch_size=4, on_event=on_event)
     store.close()
-    from plrd_jax.store import load_member
+    from plrd_jax.io.store import load_member
     _, params, _ = load_member(f"{out}:{len(results) - 1}")
     leaves = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
     np.savez(os.path.join(out, "result.npz"), **leaves)

@@ -13,15 +13,15 @@ import sys
 import jax
 import numpy as np
 
-from plrd_jax import dynamic_loading as dl
-from plrd_jax import masks as M
-from plrd_jax.config import ModelConfig
-from plrd_jax.data import TokenDataset
-from plrd_jax.family import Schedule, Stage, run_family
-from plrd_jax.model import init_params
-from plrd_jax.shear import L0Config, ShearMember, ShearSchedule, run_shear
-from plrd_jax.store import FamilyStore, load_member
-from plrd_jax.train import HealConfig
+import plrd_jax.data.dynamic_loading as dl
+import plrd_jax.nn.masks as M
+from plrd_jax.nn.config import ModelConfig
+from plrd_jax.data.corpora import TokenDataset
+from plrd_jax.methods.plrd import Schedule, Stage, run_family
+from plrd_jax.nn.model import init_params
+from plrd_jax.methods.sheared import L0Config, ShearMember, ShearSchedule, run_shear
+from plrd_jax.io.store import FamilyStore, load_member
+from plrd_jax.training.step import HealConfig
 
 CONFIG = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=6, num_kv_heads=3,
                      head_dim=8, max_seq_len=64, tie_embeddings=True)

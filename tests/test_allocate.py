@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from plrd_jax import ModelConfig, count_params, init_params
-from plrd_jax.calibrate import calibrate
+from plrd_jax.transforms.calibrate import calibrate
 from plrd_jax.transforms import PlanError, RankPlan, factorize, resolve_ranks
 from plrd_jax.transforms.allocate import (Options, _greedy, _knapsack, allocate_ranks, compute_spectra,
                                           matrix_options, plot_rank_heatmap, rank_costs, ranks_by_layer)
@@ -193,9 +193,9 @@ def test_family_members_follow_the_schedule_decomposition_and_allocation(tmp_pat
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from family_run import CONFIG as TINY, tiny_data
 
-    from plrd_jax.family import Schedule, Stage, run_family
-    from plrd_jax.store import FamilyStore
-    from plrd_jax.train import HealConfig
+    from plrd_jax.methods.plrd import Schedule, Stage, run_family
+    from plrd_jax.io.store import FamilyStore
+    from plrd_jax.training.step import HealConfig
 
     heal, evals = tiny_data()
     parent = init_params(TINY, seed=0)

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plrd_jax.model import causal_blocks, masked_attention
+from plrd_jax.nn.model import causal_blocks, masked_attention
 
 
 def numpy_attention(q, k, v, z_head=None):

@@ -11,8 +11,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 from bench_heal import values_passthrough  # noqa: E402
 
-from plrd_jax.config import ModelConfig  # noqa: E402
-from plrd_jax.model import Decoder, init_params, masked_attention  # noqa: E402
+from plrd_jax.nn.config import ModelConfig  # noqa: E402
+from plrd_jax.nn.model import Decoder, init_params, masked_attention  # noqa: E402
 
 TINY = ModelConfig(vocab_size=50, hidden_size=24, intermediate_size=40, num_layers=2, num_heads=6,
                    num_kv_heads=2, max_seq_len=16)
@@ -31,7 +31,7 @@ def test_passthrough_has_the_attention_output_shape():
 def test_every_projection_reaches_the_logits_without_the_attention_core():
     params = init_params(TINY)
     tokens = jnp.arange(16).reshape(2, 8) % TINY.vocab_size
-    with mock.patch("plrd_jax.model.masked_attention", side_effect=values_passthrough) as stand_in:
+    with mock.patch("plrd_jax.nn.model.masked_attention", side_effect=values_passthrough) as stand_in:
         grads = jax.grad(lambda p: Decoder(TINY).apply({"params": p}, tokens).sum())(params)
     assert stand_in.call_count == TINY.num_layers  # the model looks masked_attention up at call time
     for name in ("q", "k", "v", "o"):

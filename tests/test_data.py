@@ -7,8 +7,8 @@ import types
 import numpy as np
 import pytest
 
-from plrd_jax import data
-from plrd_jax.data import DataError
+import plrd_jax.data.corpora as data
+from plrd_jax.data.corpora import DataError
 
 
 class CharTokenizer:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from plrd_jax import ModelConfig, init_params
-from plrd_jax.calibrate import MatrixStats, calibrate
+from plrd_jax.transforms.calibrate import MatrixStats, calibrate
 from plrd_jax.transforms import (Decomposition, DecompositionError, RankPlan, decompose, decompose_factors,
                                  decomposed_factors, describe_scaling, factorize, output_errors, reduce_rank,
                                  reduced_factors, svd_factors)
@@ -251,8 +251,8 @@ def test_reference_members_of_the_embedded_parent():
     """q, o, gate, up, down of all 30 layers at rank 256 (k, v dense); whitening from XᵀX over 32 × 512 tokens
     from token 150,000 of wiki.test.raw, jitter 1e-6 · mean diagonal; PPL on its first 8 × 512 tokens.
     torch: plain SVD 1.1e7, whitened 526."""
-    from plrd_jax.data import load_documents, pack, tokenize
-    from plrd_jax.evaluate import perplexity
+    from plrd_jax.data.corpora import load_documents, pack, tokenize
+    from plrd_jax.evaluation.perplexity import perplexity
     from plrd_jax.io.load import load_model
 
     config, params, tokenizer = load_model("smollm2-135m")

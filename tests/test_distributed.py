@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from family_run import SCHEDULE
 
-from plrd_jax.distributed import DistributedError, ProcessLocalData, process_info_from_env, process_rows
-from plrd_jax.sharding import batch_sharding, make_mesh
+from plrd_jax.training.distributed import DistributedError, ProcessLocalData, process_info_from_env, process_rows
+from plrd_jax.nn.sharding import batch_sharding, make_mesh
 
 HERE = os.path.dirname(__file__)
 
@@ -40,7 +40,7 @@ def launch(out, processes, local_devices):
 
 
 def members(directory):
-    from plrd_jax.store import FamilyStore, load_member
+    from plrd_jax.io.store import FamilyStore, load_member
     from plrd_jax.transforms import densify
 
     out = []
@@ -88,7 +88,7 @@ def test_environment_errors_are_one_clear_line():
 
 
 def test_process_local_batches_equal_the_datasets_batches_in_one_process():
-    from plrd_jax.data import TokenDataset
+    from plrd_jax.data.corpora import TokenDataset
 
     windows = np.arange(40 * 8, dtype=np.int32).reshape(40, 8)
     data = ProcessLocalData(TokenDataset(windows, {"source": "synthetic"}), batch_sharding(make_mesh()))

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from plrd_jax import dynamic_loading as D
+import plrd_jax.data.dynamic_loading as D
 
 
 def test_update_is_the_exponentiated_gap_with_smoothing():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from plrd_jax import Decoder, ModelConfig, init_params
-from plrd_jax.evaluate import perplexity, window_nll_sums
+from plrd_jax.evaluation.perplexity import perplexity, window_nll_sums
 
 CONFIG = ModelConfig(vocab_size=67, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                      num_kv_heads=2, max_seq_len=16, tie_embeddings=False)
@@ -75,7 +75,7 @@ def test_parent_wikitext2_perplexity_equals_hf_torch_on_the_same_windows():
 
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from plrd_jax.data import load_dataset
+    from plrd_jax.data.corpora import load_dataset
     from plrd_jax.io.load import embedded_path, load_model
 
     config, params, tokenizer = load_model("smollm2-135m")
@@ -103,8 +103,8 @@ def test_geometric_mean_of_ratios_and_the_eval_command_on_several_corpora(tmp_pa
     import json
 
     from plrd_jax.cli import main
-    from plrd_jax.data import load_dataset
-    from plrd_jax.evaluate import geomean_ratio, ratios_to_parent
+    from plrd_jax.data.corpora import load_dataset
+    from plrd_jax.evaluation.perplexity import geomean_ratio, ratios_to_parent
     from plrd_jax.io.hf import save_hf
     from plrd_jax.io.load import load_model
     from test_io_hf import small_tokenizer

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from plrd_jax.store import FamilyStore, StoreError
+from plrd_jax.io.store import FamilyStore, StoreError
 
 HERE = os.path.dirname(__file__)
 
@@ -42,8 +42,8 @@ def test_progressive_family_then_kill_and_resume_gives_bitwise_the_same_members(
 def test_a_different_schedule_into_the_same_directory_is_refused(tmp_path):
     from family_run import CONFIG, SCHEDULE, tiny_data
 
-    from plrd_jax.family import Schedule, run_family
-    from plrd_jax.model import init_params
+    from plrd_jax.methods.plrd import Schedule, run_family
+    from plrd_jax.nn.model import init_params
 
     heal, evals = tiny_data()
     store = FamilyStore(tmp_path / "fam")
@@ -55,7 +55,7 @@ def test_a_different_schedule_into_the_same_directory_is_refused(tmp_path):
 
 def test_budget_fractions_on_the_command_line_keep_the_plrd_preset_settings():
     from plrd_jax.cli import build_parser, family_schedule
-    from plrd_jax.family import PRESETS
+    from plrd_jax.methods.plrd import PRESETS
 
     schedule = family_schedule(build_parser().parse_args(["family", "--out", "x", "--schedule", "0.7,0.3",
                                                           "--one-shot"]))
@@ -71,10 +71,10 @@ def test_members_are_scored_on_every_corpus_and_the_previous_member_can_teach(tm
     parent's PPL is recorded beside it, and distilling from the previous member runs the teacher it names."""
     from family_run import CONFIG, SCHEDULE, tiny_data
 
-    from plrd_jax.evaluate import perplexity
-    from plrd_jax.family import run_family
-    from plrd_jax.model import init_params
-    from plrd_jax.store import load_member
+    from plrd_jax.evaluation.perplexity import perplexity
+    from plrd_jax.methods.plrd import run_family
+    from plrd_jax.nn.model import init_params
+    from plrd_jax.io.store import load_member
 
     heal, evals = tiny_data()
     rng = np.random.default_rng(1)
@@ -90,9 +90,9 @@ def test_members_are_scored_on_every_corpus_and_the_previous_member_can_teach(tm
     store.close()
     # Member 1's first distillation term, computed independently: member 0 as stored is the teacher, the
     # student is member 0 cut to member 1's ranks, on member 1's first batch.
-    from plrd_jax.family import _data_step
-    from plrd_jax.model import Decoder, count_params
-    from plrd_jax.train import distill_loss
+    from plrd_jax.methods.plrd import _data_step
+    from plrd_jax.nn.model import Decoder, count_params
+    from plrd_jax.training.step import distill_loss
     from plrd_jax.transforms.allocate import compress
 
     config0, member0, _ = load_member(f"{tmp_path / 'fam'}:0")
@@ -120,9 +120,9 @@ def test_minitron_members_live_beside_plrd_members_in_one_store(tmp_path):
     family in the same directory is neither overwritten nor refused."""
     from family_run import CONFIG, SCHEDULE, tiny_data
 
-    from plrd_jax.family import MEMBER_BASE, Schedule, Stage, run_family
-    from plrd_jax.model import count_params, init_params
-    from plrd_jax.store import load_member
+    from plrd_jax.methods.plrd import MEMBER_BASE, Schedule, Stage, run_family
+    from plrd_jax.nn.model import count_params, init_params
+    from plrd_jax.io.store import load_member
 
     heal, evals = tiny_data()
     params = init_params(CONFIG)
@@ -148,9 +148,9 @@ def test_family_command_on_mixtures_scores_every_corpus_and_refuses_overlap(tmp_
     corpus and a ratios plot; Minitron members beside it; an evaluation corpus that is healing text is a
     one-line error before anything runs."""
     from plrd_jax.cli import main
-    from plrd_jax.config import ModelConfig
+    from plrd_jax.nn.config import ModelConfig
     from plrd_jax.io.hf import save_hf
-    from plrd_jax.model import init_params
+    from plrd_jax.nn.model import init_params
     from test_io_hf import small_tokenizer
 
     config = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,

@@ -2,9 +2,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plrd_jax.config import ModelConfig
-from plrd_jax.generate import generate
-from plrd_jax.model import Decoder, init_cache, init_params
+from plrd_jax.nn.config import ModelConfig
+from plrd_jax.evaluation.generate import generate
+from plrd_jax.nn.model import Decoder, init_cache, init_params
 
 CONFIG = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                      num_kv_heads=2, max_seq_len=64)
@@ -43,7 +43,7 @@ def test_sampled_windows_follow_the_model_and_start_with_the_start_token():
     """At a temperature near 0 every sampled token is the argmax of a cache-free forward over the window so far
     (an independent path); at temperature 1 the windows are seeded, differ across the batch, and fill `count`
     rows even when count is not a multiple of the batch."""
-    from plrd_jax.generate import sample_windows
+    from plrd_jax.evaluation.generate import sample_windows
 
     params = init_params(CONFIG, seed=3)
     cold = np.asarray(sample_windows(CONFIG, params, 3, 12, start_token=7, temperature=1e-6, batch_size=2))
@@ -59,7 +59,7 @@ def test_sampled_windows_follow_the_model_and_start_with_the_start_token():
 
 
 def test_parent_samples_join_a_mixture_as_given_windows(tmp_path):
-    from plrd_jax.data import DataError, load_mixture, sampled_share
+    from plrd_jax.data.corpora import DataError, load_mixture, sampled_share
 
     text = tmp_path / "a.txt"
     text.write_text("abcdefgh" * 20)

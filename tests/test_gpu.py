@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plrd_jax.config import ModelConfig
+from plrd_jax.nn.config import ModelConfig
 from plrd_jax.io.load import cast
-from plrd_jax.model import Decoder, init_cache, init_params
+from plrd_jax.nn.model import Decoder, init_cache, init_params
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 

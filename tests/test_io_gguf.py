@@ -19,7 +19,7 @@ from transformers.integrations.gguf.dequant import dequantize as reference_dequa
 from plrd_jax.io.gguf import load_gguf, open_gguf, read_tensor
 from plrd_jax.io.hf import CheckpointError
 from plrd_jax.io.load import embedded_path, load_model
-from plrd_jax.model import Decoder
+from plrd_jax.nn.model import Decoder
 
 TOKENS = np.array([[3, 17, 42, 5, 63, 0, 9, 31, 12, 50, 7, 2]])
 HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

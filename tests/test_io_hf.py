@@ -9,11 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, \
     Qwen2ForCausalLM
 
-from plrd_jax.config import LinearSpec
+from plrd_jax.nn.config import LinearSpec
 from plrd_jax.io.hf import CheckpointError, load_hf, save_hf
 from plrd_jax.io.load import load_model
 from plrd_jax.io.tokenizer import Tokenizer
-from plrd_jax.model import Decoder
+from plrd_jax.nn.model import Decoder
 
 TOKENS = np.array([[3, 17, 42, 5, 63, 0, 9, 31, 12, 50, 7, 2]])
 SHAPE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64)

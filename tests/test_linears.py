@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plrd_jax.config import ConfigError, LinearSpec, ModelConfig
-from plrd_jax.linears import (Linear, choose_sparse_method, factorized_spec, gather_sparse_matmul,
+from plrd_jax.nn.config import ConfigError, LinearSpec, ModelConfig
+from plrd_jax.nn.linears import (Linear, choose_sparse_method, factorized_spec, gather_sparse_matmul,
                               sparse_support, sparse_to_dense, sltrain_matmul)
 
 D_IN, D_OUT, R = 24, 40, 6
@@ -141,7 +141,7 @@ def test_lowrank_product_has_the_dense_init_variance():
 
 # ---- what trains --------------------------------------------------------------------------------
 def test_sltrain_gradients_reach_a_b_values_and_never_the_support():
-    from plrd_jax.train import trainable
+    from plrd_jax.training.step import trainable
 
     spec = factorized_spec("sltrain", D_IN, D_OUT, R, density=0.1, alpha=8.0)
     layer = Linear(D_OUT, spec)
@@ -185,8 +185,8 @@ def test_unknown_parameterization_names_are_errors():
 
 # ---- storage ------------------------------------------------------------------------------------
 def test_every_parameterization_saves_and_restores_through_the_orbax_store(tmp_path):
-    from plrd_jax.model import init_params
-    from plrd_jax.store import FamilyStore, abstract_params
+    from plrd_jax.nn.model import init_params
+    from plrd_jax.io.store import FamilyStore, abstract_params
 
     config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2,
                          num_kv_heads=2, max_seq_len=16)

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plrd_jax import masks as M
-from plrd_jax.config import ModelConfig
+import plrd_jax.nn.masks as M
+from plrd_jax.nn.config import ModelConfig
 
 GQA = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_layers=4, num_heads=6, num_kv_heads=3,
                   head_dim=8, max_seq_len=32)

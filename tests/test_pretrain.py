@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plrd_jax.config import ConfigError
-from plrd_jax.model import Decoder
-from plrd_jax.pretrain import (PRESETS, PretrainError, StreamedBatches, WindowBatches, compile_train_step,
+from plrd_jax.nn.config import ConfigError
+from plrd_jax.nn.model import Decoder
+from plrd_jax.methods.pretrain import (PRESETS, PretrainError, StreamedBatches, WindowBatches, compile_train_step,
                                count_trainable, init_params, model_config, parameter_counts, pretrain, recipe)
-from plrd_jax.store import FamilyStore
-from plrd_jax.train import next_token_loss
+from plrd_jax.io.store import FamilyStore
+from plrd_jax.training.step import next_token_loss
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2, num_kv_heads=2)
 
@@ -149,7 +149,7 @@ def test_a_run_lowers_the_loss_keeps_the_sparse_support_and_resumes_bitwise(tmp_
 
 
 def test_a_store_of_another_run_is_refused(tmp_path):
-    from plrd_jax.store import StoreError
+    from plrd_jax.io.store import StoreError
 
     tiny_run(tmp_path, "cola", steps=1)
     with pytest.raises(StoreError, match="another run"):
@@ -175,7 +175,7 @@ def test_streamed_batches_shuffle_within_chunks_and_resume_from_the_saved_positi
         np.testing.assert_array_equal(batch, want)
         assert state == want_state
     # chunk 0's windows are exactly the packed windows of its 4 documents, permuted
-    from plrd_jax.data import stream_windows
+    from plrd_jax.data.corpora import stream_windows
 
     chunk0 = np.stack(list(stream_windows(docs[:4], ByteTokenizer(), 8)))
     seen = np.concatenate([b for b, _ in first])[: len(chunk0)]

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plrd_jax import masks as M
-from plrd_jax.config import ModelConfig
-from plrd_jax.model import Decoder, init_params
+import plrd_jax.nn.masks as M
+from plrd_jax.nn.config import ModelConfig
+from plrd_jax.nn.model import Decoder, init_params
 from plrd_jax.transforms import factorize
 from plrd_jax.transforms.prune import PruneError, prune, pruned_shape
 

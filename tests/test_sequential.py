@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import plrd_jax.sequential as sequential
+import plrd_jax.transforms.sequential as sequential
 from plrd_jax import ModelConfig, init_params
-from plrd_jax.calibrate import calibrate
-from plrd_jax.linears import Linear
-from plrd_jax.model import Block, Decoder
-from plrd_jax.sequential import layer_groups, sequential_compress
+from plrd_jax.transforms.calibrate import calibrate
+from plrd_jax.nn.linears import Linear
+from plrd_jax.nn.model import Block, Decoder
+from plrd_jax.transforms.sequential import layer_groups, sequential_compress
 from plrd_jax.transforms import RankPlan, reduce_rank, resolve_ranks
 from plrd_jax.transforms.allocate import compress
 from plrd_jax.transforms.plan import PlanError
@@ -185,10 +185,10 @@ def test_compress_command_sequential_and_multi_corpus(tmp_path):
     import numpy as np
 
     from plrd_jax.cli import main
-    from plrd_jax.config import ModelConfig
+    from plrd_jax.nn.config import ModelConfig
     from plrd_jax.io.hf import save_hf
-    from plrd_jax.model import init_params
-    from plrd_jax.store import load_member
+    from plrd_jax.nn.model import init_params
+    from plrd_jax.io.store import load_member
     from test_io_hf import small_tokenizer
 
     tokenizer = small_tokenizer(full_byte_alphabet=True)

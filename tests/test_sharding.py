@@ -3,7 +3,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from plrd_jax import LinearSpec, ModelConfig, init_params
-from plrd_jax.sharding import (MESH_AXES, RULES, batch_sharding, logical_axes, make_mesh, param_shardings,
+from plrd_jax.nn.sharding import (MESH_AXES, RULES, batch_sharding, logical_axes, make_mesh, param_shardings,
                                partition_spec)
 
 TINY = ModelConfig(vocab_size=100, hidden_size=48, intermediate_size=72, num_layers=1, num_heads=3,

@@ -11,14 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from plrd_jax import dynamic_loading as dl
-from plrd_jax import masks as M
-from plrd_jax import shear as S
-from plrd_jax.config import ModelConfig
-from plrd_jax.model import init_params
-from plrd_jax.sharding import make_mesh, param_shardings
-from plrd_jax.store import FamilyStore, StoreError
-from plrd_jax.train import HealConfig
+import plrd_jax.data.dynamic_loading as dl
+import plrd_jax.nn.masks as M
+import plrd_jax.methods.sheared as S
+from plrd_jax.nn.config import ModelConfig
+from plrd_jax.nn.model import init_params
+from plrd_jax.nn.sharding import make_mesh, param_shardings
+from plrd_jax.io.store import FamilyStore, StoreError
+from plrd_jax.training.step import HealConfig
 from plrd_jax.transforms.prune import prune
 
 HERE = os.path.dirname(__file__)
@@ -104,8 +104,8 @@ def test_sheared_members_live_beside_plrd_and_resume_bitwise_after_sigkill(tmp_p
     # the PLRD run finds its member again (nothing refused, nothing recomputed)
     from shear_run import CONFIG, PLRD, tiny_domains
 
-    from plrd_jax.data import TokenDataset
-    from plrd_jax.family import run_family
+    from plrd_jax.data.corpora import TokenDataset
+    from plrd_jax.methods.plrd import run_family
 
     domains, evals = tiny_domains()
     events = []
@@ -153,7 +153,7 @@ def test_embedded_parent_prunes_to_exact_shapes_that_load_in_transformers(tmp_pa
 
     from plrd_jax.io.hf import save_hf
     from plrd_jax.io.load import load_model
-    from plrd_jax.model import Decoder
+    from plrd_jax.nn.model import Decoder
 
     config, params, tokenizer = load_model("smollm2-135m")
     tokens = np.asarray(tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 3), np.int32)[None]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from plrd_jax import Decoder, ModelConfig, count_params, init_params
-from plrd_jax.calibrate import calibrate
-from plrd_jax.linears import sltrain_matmul
+from plrd_jax.transforms.calibrate import calibrate
+from plrd_jax.nn.linears import sltrain_matmul
 from plrd_jax.transforms import PlanError
 from plrd_jax.transforms.allocate import allocate_ranks
 from plrd_jax.transforms.sparse import residual_support, sparse_plus_lowrank, sparse_plus_lowrank_size

@@ -2,9 +2,9 @@ import jax
 import numpy as np
 import pytest
 
-from plrd_jax.config import LinearSpec, ModelConfig
-from plrd_jax.model import init_params
-from plrd_jax.store import FamilyStore, StoreError, load_member
+from plrd_jax.nn.config import LinearSpec, ModelConfig
+from plrd_jax.nn.model import init_params
+from plrd_jax.io.store import FamilyStore, StoreError, load_member
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                    num_kv_heads=2, tie_embeddings=True)

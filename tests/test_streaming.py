@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from plrd_jax.config import LinearSpec, ModelConfig
+from plrd_jax.nn.config import LinearSpec, ModelConfig
 from plrd_jax.io.hf import CheckpointError, config_to_hf, hf_state_dict, load_hf
-from plrd_jax.model import count_params, init_params
-from plrd_jax.store import load_member
-from plrd_jax.model import Decoder
-from plrd_jax.streaming import (abstract_params, factorize_streamed, open_checkpoint, prune_streamed, read_tensor,
+from plrd_jax.nn.model import count_params, init_params
+from plrd_jax.io.store import load_member
+from plrd_jax.nn.model import Decoder
+from plrd_jax.io.streaming import (abstract_params, factorize_streamed, open_checkpoint, prune_streamed, read_tensor,
                                 reduce_streamed, streamed_ranks)
 from plrd_jax.transforms import RankPlan, factorize, predict_param_count, reduce_rank
 from plrd_jax.transforms.plan import PlanError
@@ -192,8 +192,8 @@ def test_llama2_7b_shapes_under_eval_shape():
 
 
 def test_transform_sharded_equals_the_plain_transform(parent):
-    from plrd_jax.sharding import make_mesh
-    from plrd_jax.streaming import transform_sharded
+    from plrd_jax.nn.sharding import make_mesh
+    from plrd_jax.io.streaming import transform_sharded
 
     _, params = parent
     ranks = {"layers_0/mlp/up": 8, "layers_1/attn/q": 4}

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from plrd_jax import cli
-from plrd_jax.store import FamilyStore
-from plrd_jax.tables import PUBLISHED, TableError, collect, render
+from plrd_jax.io.store import FamilyStore
+from plrd_jax.reporting.papers import PUBLISHED, TableError, collect, render
 
 
 def make_family(directory):

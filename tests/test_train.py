@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from plrd_jax import LinearSpec, ModelConfig, init_params
-from plrd_jax.model import Decoder
-from plrd_jax.sharding import make_mesh, param_shardings
-from plrd_jax.train import (HealConfig, decay_mask, distill_loss, distill_top_k_loss, init_train_state,
+from plrd_jax.nn.model import Decoder
+from plrd_jax.nn.sharding import make_mesh, param_shardings
+from plrd_jax.training.step import (HealConfig, decay_mask, distill_loss, distill_top_k_loss, init_train_state,
                             learning_rate_schedule, make_heal_step, matmul_params, model_flops_per_token,
                             next_token_loss, sparse_distill_loss, teacher_top_k, trainable)
 
@@ -283,8 +283,8 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backen
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax, numpy as np
 from plrd_jax import ModelConfig, LinearSpec, init_params
-from plrd_jax.sharding import make_mesh, param_shardings
-from plrd_jax.train import HealConfig, init_train_state, make_heal_step
+from plrd_jax.nn.sharding import make_mesh, param_shardings
+from plrd_jax.training.step import HealConfig, init_train_state, make_heal_step
 
 name = sys.argv[1]
 dense = ModelConfig(vocab_size=100, hidden_size=48, intermediate_size=72, num_layers=1, num_heads=3,

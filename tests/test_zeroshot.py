@@ -10,10 +10,10 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from plrd_jax.config import ModelConfig
+from plrd_jax.nn.config import ModelConfig
 from plrd_jax.io.tokenizer import Tokenizer
-from plrd_jax.model import Decoder, init_params
-from plrd_jax.zeroshot import (SUITES, TASKS, Example, Task, ZeroShotError, encode_pair, evaluate_task, load_task,
+from plrd_jax.nn.model import Decoder, init_params
+from plrd_jax.evaluation.zeroshot import (SUITES, TASKS, Example, Task, ZeroShotError, encode_pair, evaluate_task, load_task,
                                loglikelihoods, multiple_choice, read_jsonl, score_task, task_names)
 
 CONFIG = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

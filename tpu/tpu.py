@@ -7,7 +7,7 @@
   setup    this repository (git HEAD) + requirements.txt + jax[tpu] + the embedded parent on every worker
   mount    a GCS bucket on every worker (gcsfuse): the shared directory for family stores
   launch   one experiment on all workers at once (`-- python -m plrd_jax family ...`), detached; each worker
-           logs to ~/runs/RUN/worker.log, and joins the multi-host run through plrd_jax.distributed
+           logs to ~/runs/RUN/worker.log, and joins the multi-host run through plrd_jax.training.distributed
   logs     print (or --follow) a worker's log
   collect  every worker's log and the results (a worker-0 path or a gs:// path) into a local directory
   status   the node (or queued resource) and, with --run, each worker's exit code

@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from plrd_jax.config import ConfigError, ModelConfig
+from plrd_jax.nn.config import ConfigError, ModelConfig
 from plrd_jax.io.hf import CheckpointError, _dtype_name, params_from_hf
 
 ARCHITECTURE = "llama"

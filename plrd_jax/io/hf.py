@@ -26,7 +26,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from plrd_jax.config import DTYPES, ConfigError, ModelConfig
+from plrd_jax.nn.config import DTYPES, ConfigError, ModelConfig
 from plrd_jax.transforms.factorize import densify
 
 

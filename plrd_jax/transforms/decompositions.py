@@ -27,7 +27,7 @@ conditioned in float32 when a few input channels carry most of the energy (as in
 The factors of an already factorized matrix are re-truncated without forming K = A B:
 S A = Q_a R_a, Bᵀ = Q_b R_b, R_a R_bᵀ = U Σ Vᵀ, so S A B = (Q_a U) Σ (Q_b V)ᵀ.
 All linear algebra runs in float32 (or wider) with jnp, eagerly or under jit; the statistics come from
-`plrd_jax.calibrate` (`MatrixStats`).
+`plrd_jax.transforms.calibrate` (`MatrixStats`).
 """
 from __future__ import annotations
 
@@ -176,7 +176,7 @@ def input_scaling(decomposition: Decomposition, stats=None, d_in: int | None = N
         ones = jnp.ones((d_in,), jnp.float32)
         return Scaling(ones, ones, jnp.int32(0), jnp.zeros((), jnp.float32))
     if stats is None:
-        raise DecompositionError(f"decomposition {method!r} needs calibration statistics (plrd_jax.calibrate)")
+        raise DecompositionError(f"decomposition {method!r} needs calibration statistics (plrd_jax.transforms.calibrate)")
     if method == "whitened":
         return whitening(stats.xtx, decomposition.damping)
     if method == "asvd":
@@ -190,7 +190,7 @@ def check_stats(decomposition: Decomposition, stats, path: str = "this matrix") 
         return
     if stats is None:
         raise DecompositionError(f"decomposition {decomposition.method!r} needs calibration statistics for {path} "
-                                 "(plrd_jax.calibrate.calibrate)")
+                                 "(plrd_jax.transforms.calibrate.calibrate)")
     try:
         no_fisher = decomposition.needs_fisher and not np.any(np.asarray(stats.fisher_rows))
     except jax.errors.TracerArrayConversionError:  # under jit: nothing to check

@@ -11,7 +11,7 @@ a float32 one, and the factors are cast back to the param dtype. Matmuls ask for
 TPU/GPU do not round them through bfloat16/TF32.
 
 A decomposition other than plain "svd" (`decompositions.py`: whitened, asvd, fisher) needs calibration
-statistics `stats`, a dict path -> `plrd_jax.calibrate.MatrixStats`; it is chosen by the plan's
+statistics `stats`, a dict path -> `plrd_jax.transforms.calibrate.MatrixStats`; it is chosen by the plan's
 `decomposition` field or the `decomposition` argument, which wins.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from plrd_jax.config import LinearSpec, ModelConfig
+from plrd_jax.nn.config import LinearSpec, ModelConfig
 from plrd_jax.transforms.decompositions import (Decomposition, as_decomposition, check_stats, decomposed_factors,
                                                 reduced_factors, truncate)
 from plrd_jax.transforms.plan import PlanError, RankPlan, check_ranks, is_matrix, resolve_ranks, singular_values

@@ -22,8 +22,8 @@ import dataclasses
 
 import numpy as np
 
-from plrd_jax.config import ModelConfig
-from plrd_jax.masks import mask_shapes
+from plrd_jax.nn.config import ModelConfig
+from plrd_jax.nn.masks import mask_shapes
 
 
 class PruneError(ValueError):
@@ -136,7 +136,7 @@ def pruned_shape(masks: dict, config: ModelConfig) -> dict[str, int]:
 
 def prune_cuts(config: ModelConfig, masks: dict) -> tuple[dict[tuple[str, ...], Cut], ModelConfig]:
     """(node path -> Cut for every param node that survives, the pruned config), from the masks alone: what
-    `prune` does to a whole tree and `plrd_jax.streaming.prune_streamed` to one tensor at a time."""
+    `prune` does to a whole tree and `plrd_jax.io.streaming.prune_streamed` to one tensor at a time."""
     shape = pruned_shape(masks, config)
     z = _check_masks(masks, config)
     L, H, KV, hd = config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim_

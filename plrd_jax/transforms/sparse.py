@@ -14,7 +14,7 @@ The matrix becomes an SLTrain linear, `LinearSpec("sltrain", rank=r, nnz=nnz, al
 params A, B, values (nnz,) and indices (nnz,) int32: the flat positions of S in (d_in, d_out), sorted. Its
 size, r·(d_in + d_out) + 2·nnz, counts the values and the indices (`count_params` counts both leaves), the
 same size `allocate_ranks(..., sparse_density=δ)` plans with. The forward pass applies S from values and
-indices (`plrd_jax.linears.sltrain_matmul`; its gather path never forms a d_in × d_out matrix).
+indices (`plrd_jax.nn.linears.sltrain_matmul`; its gather path never forms a d_in × d_out matrix).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from plrd_jax.config import LinearSpec, ModelConfig
+from plrd_jax.nn.config import LinearSpec, ModelConfig
 from plrd_jax.transforms.decompositions import (Decomposition, Spectrum, as_decomposition, check_stats, decompose,
                                                 truncate)
 from plrd_jax.transforms.plan import PlanError, _node, check_ranks

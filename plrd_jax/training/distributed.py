@@ -141,7 +141,7 @@ def global_batch(local_rows: np.ndarray, sharding: NamedSharding, global_shape: 
 
 
 def batch_sharding_of(mesh: Mesh) -> NamedSharding:
-    from plrd_jax.sharding import batch_sharding
+    from plrd_jax.nn.sharding import batch_sharding
 
     return batch_sharding(mesh)
 
@@ -173,7 +173,7 @@ class ProcessLocalData:
         return len(self.dataset)
 
     def batch_at(self, step: int, batch_size: int, seed: int | None = None) -> jax.Array:
-        from plrd_jax.data import batch_indices
+        from plrd_jax.data.corpora import batch_indices
 
         shape = (batch_size, self.seq_len)
         rows = process_rows(self.sharding, shape)

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from plrd_jax.model import Block
+from plrd_jax.nn.model import Block
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

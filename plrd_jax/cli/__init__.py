@@ -20,8 +20,8 @@ DEFAULT_MODEL = "smollm2-135m"
 
 # ---- commands -----------------------------------------------------------------------------------
 def cmd_eval(args):
-    from plrd_jax.data import load_dataset
-    from plrd_jax.evaluate import perplexity
+    from plrd_jax.data.corpora import load_dataset
+    from plrd_jax.evaluation.perplexity import perplexity
     from plrd_jax.io.load import load_model
 
     config, params, tokenizer = load_model(args.model, dtype=args.dtype)
@@ -57,7 +57,7 @@ def cmd_info(args):
 
 
 def cmd_generate(args):
-    from plrd_jax.generate import generate
+    from plrd_jax.evaluation.generate import generate
     from plrd_jax.io.load import load_model
 
     config, params, tokenizer = load_model(args.model, dtype=args.dtype)
@@ -93,7 +93,7 @@ def cmd_export(args):
 
 def family_schedule(args):
     """The preset named by --schedule (or budget fractions), with the command line's overrides."""
-    from plrd_jax.family import PRESETS, _stages
+    from plrd_jax.methods.plrd import PRESETS, _stages
 
     if args.schedule in PRESETS:
         schedule = PRESETS[args.schedule]
@@ -135,7 +135,7 @@ DEFAULT_EVAL_DATA = "wikitext2-eval,books-eval,speeches-eval,tinyshakespeare,pyd
 def evaluation_corpora(args, tokenizer, train_specs, seq_len=None):
     """(corpora {name: TokenDataset}, unseen names) for --eval-data, after checking that no corpus shares text
     with the calibration / healing sources (`train_specs`: mixture specs) — before any model runs."""
-    from plrd_jax.data import check_disjoint, domain_of, load_corpora, parse_mixture
+    from plrd_jax.data.corpora import check_disjoint, domain_of, load_corpora, parse_mixture
 
     train = [name for spec in train_specs for name in parse_mixture(spec)]
     corpora = load_corpora(args.eval_data, tokenizer, seq_len or args.eval_seq_len, args.eval_tokens,
@@ -149,7 +149,7 @@ def evaluation_corpora(args, tokenizer, train_specs, seq_len=None):
 def print_summary(out_dir, prefix, results, parent_params, parent_ppl, unseen, title):
     """The members' table (a column per corpus, ratios to the parent, geometric mean) and the plot, written to
     OUT/{prefix}summary.md, .csv and OUT/{prefix}ppl_ratios.png."""
-    from plrd_jax.report import markdown_table, plot_ratios, summary_columns, summary_rows, write_csv
+    from plrd_jax.reporting.summary import markdown_table, plot_ratios, summary_columns, summary_rows, write_csv
 
     columns = summary_columns(list(parent_ppl), unseen)
     rows = summary_rows(results, parent_params, parent_ppl, unseen)
@@ -170,7 +170,7 @@ def parent_samples(model, config, params, tokenizer, count, seq_len, temperature
 
     import numpy as np
 
-    from plrd_jax.generate import sample_windows
+    from plrd_jax.evaluation.generate import sample_windows
 
     if count == 0:
         return None
@@ -191,12 +191,12 @@ def parent_samples(model, config, params, tokenizer, count, seq_len, temperature
 
 
 def cmd_family(args):
-    from plrd_jax.data import PARENT_SAMPLES, load_mixture, parse_mixture, sampled_share
-    from plrd_jax.evaluate import geomean_ratio, ratios_to_parent
-    from plrd_jax.family import run_family
+    from plrd_jax.data.corpora import PARENT_SAMPLES, load_mixture, parse_mixture, sampled_share
+    from plrd_jax.evaluation.perplexity import geomean_ratio, ratios_to_parent
+    from plrd_jax.methods.plrd import run_family
     from plrd_jax.io.load import load_model
-    from plrd_jax.model import count_params
-    from plrd_jax.store import FamilyStore
+    from plrd_jax.nn.model import count_params
+    from plrd_jax.io.store import FamilyStore
 
     schedule = family_schedule(args)
     mesh_shape = tuple(int(x) for x in args.mesh.split(","))
@@ -220,8 +220,8 @@ def cmd_family(args):
         raise ValueError(f"--calibration-data {calibration_spec!r} has {len(calibration)} windows of "
                          f"{schedule.seq_len}; the schedule calibrates on {schedule.calibration_windows}")
     if jax.process_count() > 1:  # multi-host: each host feeds only its rows of every global batch
-        from plrd_jax.distributed import ProcessLocalData
-        from plrd_jax.sharding import batch_sharding, make_mesh
+        from plrd_jax.training.distributed import ProcessLocalData
+        from plrd_jax.nn.sharding import batch_sharding, make_mesh
 
         heal_data = ProcessLocalData(heal_data, batch_sharding(make_mesh(mesh_shape)))
     store = FamilyStore(args.out)
@@ -281,12 +281,12 @@ def cmd_family(args):
 
 def cmd_compress(args):
     """One member straight from a model: calibrate, allocate ranks for a parameter budget, decompose."""
-    from plrd_jax.calibrate import calibrate
-    from plrd_jax.data import load_mixture, sampled_share
-    from plrd_jax.evaluate import geometric_mean, perplexities
+    from plrd_jax.transforms.calibrate import calibrate
+    from plrd_jax.data.corpora import load_mixture, sampled_share
+    from plrd_jax.evaluation.perplexity import geometric_mean, perplexities
     from plrd_jax.io.load import load_model
-    from plrd_jax.model import count_params
-    from plrd_jax.store import FamilyStore
+    from plrd_jax.nn.model import count_params
+    from plrd_jax.io.store import FamilyStore
     from plrd_jax.transforms import Decomposition, RankPlan, plot_rank_heatmap
     from plrd_jax.transforms.allocate import compress
 
@@ -330,7 +330,7 @@ def cmd_compress(args):
         report = {"decomposition": decomposition.method, "allocation": args.allocation,
                   "sparse_density": args.sparse_density}
     elif args.sequential:  # ranks from the one-pass statistics, factors from sequential ones
-        from plrd_jax.sequential import sequential_compress
+        from plrd_jax.transforms.sequential import sequential_compress
         from plrd_jax.transforms.allocate import allocate_ranks, ranks_by_layer
         from plrd_jax.transforms.plan import resolve_ranks
 
@@ -386,10 +386,10 @@ def cmd_compress(args):
 def cmd_pretrain(args):
     import math
 
-    from plrd_jax.data import load_dataset
-    from plrd_jax.pretrain import (PretrainError, StreamedBatches, WindowBatches, load_tokenizer, model_config,
+    from plrd_jax.data.corpora import load_dataset
+    from plrd_jax.methods.pretrain import (PretrainError, StreamedBatches, WindowBatches, load_tokenizer, model_config,
                                    pretrain, recipe)
-    from plrd_jax.store import FamilyStore
+    from plrd_jax.io.store import FamilyStore
 
     accelerator = jax.default_backend() != "cpu"
     data = args.data or ("tfds:c4/en" if accelerator else "wikitext2-heal")
@@ -438,9 +438,9 @@ def cmd_pretrain(args):
 def shear_schedule(args, parent_config):
     """The --preset Sheared schedule with the command line's overrides (targets, domains, budgets), checked
     against the parent before any data is read."""
-    from plrd_jax import dynamic_loading as dl
-    from plrd_jax.masks import TargetShape
-    from plrd_jax.shear import PRESETS, ShearMember
+    import plrd_jax.data.dynamic_loading as dl
+    from plrd_jax.nn.masks import TargetShape
+    from plrd_jax.methods.sheared import PRESETS, ShearMember
 
     if args.preset not in PRESETS:
         raise ValueError(f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
@@ -490,13 +490,13 @@ def _pairs(text, flag, cast=str):
 
 
 def cmd_shear(args):
-    from plrd_jax import dynamic_loading as dl
-    from plrd_jax.data import load_dataset
-    from plrd_jax.evaluate import geomean_ratio, perplexities
+    import plrd_jax.data.dynamic_loading as dl
+    from plrd_jax.data.corpora import load_dataset
+    from plrd_jax.evaluation.perplexity import geomean_ratio, perplexities
     from plrd_jax.io.load import load_model
-    from plrd_jax.model import count_params
-    from plrd_jax.shear import run_shear
-    from plrd_jax.store import FamilyStore
+    from plrd_jax.nn.model import count_params
+    from plrd_jax.methods.sheared import run_shear
+    from plrd_jax.io.store import FamilyStore
 
     config, params, tokenizer = load_model(args.parent)
     schedule = shear_schedule(args, config)  # bad targets, domains, reference losses: errors before any compute
@@ -564,8 +564,8 @@ def cmd_shear(args):
 
 def cmd_zeroshot(args):
     from plrd_jax.io.load import load_model
-    from plrd_jax.report import markdown_table
-    from plrd_jax.zeroshot import evaluate_task, load_task, task_names
+    from plrd_jax.reporting.summary import markdown_table
+    from plrd_jax.evaluation.zeroshot import evaluate_task, load_task, task_names
 
     tasks = [load_task(name, args.data_dir, args.limit) for name in task_names(args.task)]  # all checked first
     config, params, tokenizer = load_model(args.model, dtype=args.dtype)
@@ -592,7 +592,7 @@ def cmd_zeroshot(args):
 
 
 def cmd_tables(args):
-    from plrd_jax.tables import collect, render
+    from plrd_jax.reporting.papers import collect, render
 
     table = render(collect(args.paths, args.zeroshot))
     print(table)
@@ -850,7 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from plrd_jax.distributed import initialize, main_process_output, report_error
+    from plrd_jax.training.distributed import initialize, main_process_output, report_error
 
     args = build_parser().parse_args(argv)
     try:

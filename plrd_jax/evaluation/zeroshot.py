@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from plrd_jax.config import ModelConfig
-from plrd_jax.evaluate import ApplyFn, decoder_apply_fn
+from plrd_jax.nn.config import ModelConfig
+from plrd_jax.evaluation.perplexity import ApplyFn, decoder_apply_fn
 
 
 class ZeroShotError(ValueError):

@@ -8,7 +8,7 @@ looked up by the matrix's path) chooses the parameters it holds:
   cola     A (d_in, r), B (r, d_out)                         y = σ(x A) B          (σ = SiLU; CoLA)
   sltrain  A (d_in, r), B (r, d_out), values (nnz,),        y = x ((α/r) A B + S)  (SLTrain)
            indices (nnz,) int32: S's fixed support, flat row-major positions in (d_in, d_out); an integer
-           leaf, so it never trains (`plrd_jax.train.trainable` keeps floating leaves only) but saves and
+           leaf, so it never trains (`plrd_jax.training.step.trainable` keeps floating leaves only) but saves and
            shards with the rest
 
 `bias (d_out,)` is added when asked for (Qwen2's q/k/v). Factors are never multiplied into a dense K, except
@@ -22,7 +22,7 @@ Initialization (each as its paper has it):
            nnz = ⌊δ·d_in·d_out⌋ of a random permutation of all positions, sorted, drawn once from the init key
 
 The r-dim activation `x A` of every factorized layer (before CoLA's σ) is tagged `BOTTLENECK` with
-`checkpoint_name`, so a remat policy can keep exactly these (CoLA-M; see `plrd_jax.model.remat_policy`).
+`checkpoint_name`, so a remat policy can keep exactly these (CoLA-M; see `plrd_jax.nn.model.remat_policy`).
 
 S is applied one of two ways (`ModelConfig.sparse_method`; "auto" picks by shape with `choose_sparse_method`):
   scatter  W = (α/r) A B + S built dense (S scattered into zeros), then y = x W; the reference implementation's
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from plrd_jax.config import SPARSE_METHODS, ConfigError, LinearSpec
+from plrd_jax.nn.config import SPARSE_METHODS, ConfigError, LinearSpec
 
 # Name under which the r-dim activation x A of a factorized linear is tagged for remat policies (CoLA-M).
 BOTTLENECK = "lowrank_bottleneck"

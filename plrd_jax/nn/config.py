@@ -16,10 +16,10 @@ import jax.numpy as jnp
 MATRIX_KINDS = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
 LINEAR_KINDS = ("dense", "lowrank", "cola", "sltrain")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# Activation rematerialization of each block (see plrd_jax.model.remat_policy): none, full (recompute the block),
+# Activation rematerialization of each block (see plrd_jax.nn.model.remat_policy): none, full (recompute the block),
 # dots (keep matmul outputs), bottleneck (keep only the r-dim activations of factorized linears: CoLA-M).
 REMAT_POLICIES = ("none", "full", "dots", "bottleneck")
-# How the sparse part S of an sltrain linear is applied (plrd_jax.linears): by shape, dense temporary, or gather
+# How the sparse part S of an sltrain linear is applied (plrd_jax.nn.linears): by shape, dense temporary, or gather
 # (never forms a d_in × d_out matrix).
 SPARSE_METHODS = ("auto", "scatter", "gather")
 

@@ -14,7 +14,7 @@ All accumulate in float32. One jitted step per batch runs the model with a Flax 
 records every `Linear`'s input, so the model code is untouched and any parameterization (dense, lowrank, …)
 can be calibrated. ∂L_w/∂K is taken through the layer's output, `Xᵀ ∂L_w/∂Y`, so it is the gradient with
 respect to the effective matrix even when K is stored as factors. Statistics are laid out like the params:
-dimension d_in is sharded as the kernel's d_in is (`plrd_jax.sharding`).
+dimension d_in is sharded as the kernel's d_in is (`plrd_jax.nn.sharding`).
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from plrd_jax.config import ModelConfig
-from plrd_jax.linears import Linear
-from plrd_jax.model import Decoder
-from plrd_jax.sharding import RULES, batch_sharding, logical_axes, make_mesh, param_shardings, partition_spec
-from plrd_jax.train import next_token_loss
+from plrd_jax.nn.config import ModelConfig
+from plrd_jax.nn.linears import Linear
+from plrd_jax.nn.model import Decoder
+from plrd_jax.nn.sharding import RULES, batch_sharding, logical_axes, make_mesh, param_shardings, partition_spec
+from plrd_jax.training.step import next_token_loss
 
 
 class MatrixStats(NamedTuple):

@@ -7,8 +7,8 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 
-from plrd_jax.config import ModelConfig
-from plrd_jax.model import Decoder, init_cache
+from plrd_jax.nn.config import ModelConfig
+from plrd_jax.nn.model import Decoder, init_cache
 
 
 def _pick(logits: jax.Array, key: jax.Array, temperature: float) -> jax.Array:

@@ -30,13 +30,13 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from plrd_jax.calibrate import calibrate
-from plrd_jax.config import ModelConfig
-from plrd_jax.evaluate import perplexity
-from plrd_jax.model import count_params
-from plrd_jax.sharding import make_mesh, param_shardings, replicated
-from plrd_jax.store import FamilyStore, StoreError, abstract_params
-from plrd_jax.train import HealConfig, init_train_state, make_heal_step
+from plrd_jax.transforms.calibrate import calibrate
+from plrd_jax.nn.config import ModelConfig
+from plrd_jax.evaluation.perplexity import perplexity
+from plrd_jax.nn.model import count_params
+from plrd_jax.nn.sharding import make_mesh, param_shardings, replicated
+from plrd_jax.io.store import FamilyStore, StoreError, abstract_params
+from plrd_jax.training.step import HealConfig, init_train_state, make_heal_step
 from plrd_jax.transforms.allocate import compress
 from plrd_jax.transforms.plan import RankPlan
 
@@ -78,7 +78,7 @@ class Schedule:
     # parent for member 0).
     teacher: str = "parent"
     # How a member is cut from its source: "plrd" (lower ranks, `compress`) or "minitron" (activation-importance
-    # structured pruning to the stage's budget, `plrd_jax.minitron`; members are plain dense models).
+    # structured pruning to the stage's budget, `plrd_jax.methods.minitron`; members are plain dense models).
     method: str = "plrd"
     minitron_mode: str = "width"
     heal: HealConfig = HealConfig(lr=2e-4, warmup_steps=2, total_steps=2)  # total_steps set per stage
@@ -100,7 +100,7 @@ class Schedule:
 
 TEACHERS = ("parent", "previous")
 METHODS = ("plrd", "minitron")
-# Where each method's members live in a shared family store (Sheared's: plrd_jax.shear): member numbers from
+# Where each method's members live in a shared family store (Sheared's: plrd_jax.methods.sheared): member numbers from
 # MEMBER_BASE[method], step ids from STEP_BASE[method], so methods never overwrite each other.
 MEMBER_BASE = {"plrd": 0, "minitron": 200}
 STEP_BASE = {"plrd": 0, "minitron": 2_000_000_000}
@@ -233,7 +233,7 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
                 # whose order two processes could otherwise interleave differently (and deadlock).
                 source_params = jax.jit(lambda p: p, out_shardings=replicated(mesh))(source_params)
             if schedule.method == "minitron":
-                from plrd_jax.minitron import minitron_prune
+                from plrd_jax.methods.minitron import minitron_prune
 
                 params, config, decomposition_report = minitron_prune(
                     source_config, source_params, calibration_windows,

@@ -26,8 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from plrd_jax.config import ModelConfig
-from plrd_jax.linears import BOTTLENECK, Linear
+from plrd_jax.nn.config import ModelConfig
+from plrd_jax.nn.linears import BOTTLENECK, Linear
 
 Cache = list[dict[str, jax.Array]]
 

@@ -21,7 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from plrd_jax.config import ModelConfig
+from plrd_jax.nn.config import ModelConfig
 
 
 class StoreError(ValueError):
@@ -106,7 +106,7 @@ class FamilyStore:
 
 def abstract_params(config: ModelConfig, shardings=None):
     """ShapeDtypeStructs of `config`'s params, optionally with shardings (a matching pytree)."""
-    from plrd_jax.model import init_params
+    from plrd_jax.nn.model import init_params
 
     shapes = jax.eval_shape(lambda: init_params(config))
     if shardings is None:

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plrd_jax.config import ModelConfig
-from plrd_jax.model import Decoder
+from plrd_jax.nn.config import ModelConfig
+from plrd_jax.nn.model import Decoder
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (params, tokens [B, T]) -> logits [B, T, vocab]
 

@@ -20,7 +20,7 @@ Methods (every q, k, v, o, gate, up, down; embeddings, norms and the head stay d
 Common to all: 512 sequences × 256 tokens per step, cosine decay to 10 % of the peak lr, AdamW β = (0.9, 0.999),
 ε = 1e-8 (PyTorch's defaults, which the reference code uses), bfloat16 compute on float32 master weights. Dense
 kernels start N(0, 0.02) as in the papers' HF LLaMA code; factorized ones keep their papers' inits (linears.py).
-The step is `plrd_jax.train.make_heal_step`, the store `plrd_jax.store.FamilyStore` (member 0 is the finished
+The step is `plrd_jax.training.step.make_heal_step`, the store `plrd_jax.io.store.FamilyStore` (member 0 is the finished
 model, so `load_model("DIR:0")` reads it back).
 
 Data: a local corpus (`WindowBatches`: packed windows in a seeded per-epoch order, resumable from the step) or a
@@ -45,14 +45,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plrd_jax.config import MATRIX_KINDS, ConfigError, ModelConfig
-from plrd_jax.data import batch_at, load_documents, stream_windows
-from plrd_jax.evaluate import perplexity
-from plrd_jax.linears import factorized_spec
-from plrd_jax.model import init_params as init_model_params
-from plrd_jax.sharding import make_mesh, param_shardings
-from plrd_jax.store import FamilyStore, StoreError, abstract_params
-from plrd_jax.train import HealConfig, init_train_state, make_heal_step
+from plrd_jax.nn.config import MATRIX_KINDS, ConfigError, ModelConfig
+from plrd_jax.data.corpora import batch_at, load_documents, stream_windows
+from plrd_jax.evaluation.perplexity import perplexity
+from plrd_jax.nn.linears import factorized_spec
+from plrd_jax.nn.model import init_params as init_model_params
+from plrd_jax.nn.sharding import make_mesh, param_shardings
+from plrd_jax.io.store import FamilyStore, StoreError, abstract_params
+from plrd_jax.training.step import HealConfig, init_train_state, make_heal_step
 
 METHODS = ("full", "lowrank", "cola", "cola-m", "sltrain")
 
@@ -180,7 +180,7 @@ def model_config(preset: str, rcp: Recipe, vocab_size: int | None = None, **over
 
 
 def init_params(config: ModelConfig, seed: int = 0, dense_std: float = 0.02) -> dict:
-    """Params for pretraining: `plrd_jax.model.init_params`, with every dense kernel redrawn N(0, dense_std²)
+    """Params for pretraining: `plrd_jax.nn.model.init_params`, with every dense kernel redrawn N(0, dense_std²)
     (the papers' HF LLaMA init; the embedding already is N(0, 0.02²), factorized matrices keep theirs)."""
     params = init_model_params(config, seed)
     key = jax.random.key(seed + 1)

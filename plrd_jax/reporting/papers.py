@@ -102,7 +102,7 @@ def _same_dir(a, b) -> bool:
 def member_rows(family_dir: str | os.PathLike, zeroshot: dict[str, dict[str, float]] | None = None) -> list[Row]:
     """One row per finished member of the family store at `family_dir`; `zeroshot` (model spec -> metrics, see
     `zeroshot_metrics`) adds the scores of specs naming one of its members (FAMILY_DIR:N or FAMILY_DIR:NAME)."""
-    from plrd_jax.store import FamilyStore
+    from plrd_jax.io.store import FamilyStore
 
     store = FamilyStore(family_dir, read_only=True)
     rows = []

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from plrd_jax.config import DTYPES, ModelConfig
-from plrd_jax.model import Decoder
-from plrd_jax.sharding import RULES, batch_sharding, param_shardings, replicated, shard_activations
+from plrd_jax.nn.config import DTYPES, ModelConfig
+from plrd_jax.nn.model import Decoder
+from plrd_jax.nn.sharding import RULES, batch_sharding, param_shardings, replicated, shard_activations
 
 
 # ---- losses ---------------------------------------------------------------------------------------------

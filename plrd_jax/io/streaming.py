@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from plrd_jax.config import LinearSpec, ModelConfig
+from plrd_jax.nn.config import LinearSpec, ModelConfig
 from plrd_jax.io.hf import CheckpointError, _dtype_name, config_from_hf, hf_layout, safetensors_files
 from plrd_jax.transforms.factorize import reduce_factors, svd_factors
 from plrd_jax.transforms.plan import PlanError, RankPlan, check_ranks, resolve_ranks
@@ -151,7 +151,7 @@ def open_checkpoint(path: str | os.PathLike, dtype=None) -> StreamedCheckpoint:
 # ---- shapes without weights -----------------------------------------------------------------------------
 def abstract_params(config: ModelConfig):
     """`config`'s param tree as ShapeDtypeStructs (jax.eval_shape: nothing is allocated)."""
-    from plrd_jax.model import init_params
+    from plrd_jax.nn.model import init_params
 
     return jax.eval_shape(lambda: init_params(config))
 
@@ -193,7 +193,7 @@ class MemberWriter:
     family store as step `step` with `metadata`. The store sees nothing until `commit`."""
 
     def __init__(self, family_dir: str | os.PathLike, step: int):
-        from plrd_jax.store import FamilyStore, StoreError
+        from plrd_jax.io.store import FamilyStore, StoreError
 
         self.family_dir = Path(family_dir).absolute()
         self.family_dir.mkdir(parents=True, exist_ok=True)
@@ -244,7 +244,7 @@ class MemberWriter:
 
 def _next_member(family_dir) -> tuple[int, int]:
     """(step, member index) for a new member appended to a (possibly new) family store."""
-    from plrd_jax.store import FamilyStore
+    from plrd_jax.io.store import FamilyStore
 
     if not Path(family_dir).is_dir():
         return 0, 0
@@ -331,7 +331,7 @@ def reduce_streamed(family_dir: str | os.PathLike, member: str, plan: RankPlan |
     """A lower-rank member made from stored member `member` (index or name) of the same family store, reading
     and writing one matrix at a time: factorized matrices by `reduce_factors` (A B is never formed), dense
     ones the plan selects by `svd_factors`. Returns the new member's metadata."""
-    from plrd_jax.store import FamilyStore
+    from plrd_jax.io.store import FamilyStore
 
     store = FamilyStore(family_dir, read_only=True)
     meta = store.find_member(member)
@@ -411,7 +411,7 @@ def prune_streamed(hf_dir: str | os.PathLike, masks: Mapping[str, Any], family_d
 def transform_sharded(transform, params, ranks: Mapping[str, int], config: ModelConfig, mesh):
     """`transform(params, ranks)` (factorize or reduce_rank) under jit, params and result sharded on `mesh` by
     the logical-axis rules. Returns (params, config)."""
-    from plrd_jax.sharding import param_shardings
+    from plrd_jax.nn.sharding import param_shardings
 
     new_config = member_config(config, {**{p: s.rank for p, s in config.linears if s.kind == "lowrank"},
                                         **dict(ranks)})

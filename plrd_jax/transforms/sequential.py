@@ -27,8 +27,8 @@ from typing import Callable
 import numpy as np
 from jax.sharding import Mesh
 
-from plrd_jax.calibrate import calibrate
-from plrd_jax.config import ModelConfig
+from plrd_jax.transforms.calibrate import calibrate
+from plrd_jax.nn.config import ModelConfig
 from plrd_jax.transforms.decompositions import Decomposition, as_decomposition
 from plrd_jax.transforms.factorize import reduce_rank
 from plrd_jax.transforms.plan import PlanError, check_ranks

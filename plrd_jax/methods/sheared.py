@@ -15,7 +15,7 @@ Each member is cut straight from the parent:
      every step. Clipping covers the model's gradient only (Adam is scale-free for log α and λ anyway).
   2. The final masks `masks.deterministic(log α, target)` are folded by `transforms.prune.prune` into a dense
      model of exactly the target shape.
-  3. Continued training, C steps, with the healing step of plrd_jax.train.
+  3. Continued training, C steps, with the healing step of plrd_jax.training.step.
 Both phases read batches by dynamic batch loading (plrd_jax/dynamic_loading.py): every `update_every` steps of
 pruning (`continue_update_every` of continued training) the domain weights follow the per-domain validation
 losses (during pruning: of the current model, `masks.deterministic` without a target) against the reference
@@ -45,15 +45,15 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from plrd_jax import dynamic_loading as dl
-from plrd_jax import masks as M
-from plrd_jax.config import ModelConfig
-from plrd_jax.evaluate import perplexity
-from plrd_jax.family import fingerprint
-from plrd_jax.model import Decoder, count_params
-from plrd_jax.sharding import RULES, batch_sharding, make_mesh, param_shardings, replicated, shard_activations
-from plrd_jax.store import FamilyStore, StoreError, abstract_params
-from plrd_jax.train import (HealConfig, TrainState, init_train_state, learning_rate_schedule, make_heal_step,
+import plrd_jax.data.dynamic_loading as dl
+import plrd_jax.nn.masks as M
+from plrd_jax.nn.config import ModelConfig
+from plrd_jax.evaluation.perplexity import perplexity
+from plrd_jax.methods.plrd import fingerprint
+from plrd_jax.nn.model import Decoder, count_params
+from plrd_jax.nn.sharding import RULES, batch_sharding, make_mesh, param_shardings, replicated, shard_activations
+from plrd_jax.io.store import FamilyStore, StoreError, abstract_params
+from plrd_jax.training.step import (HealConfig, TrainState, init_train_state, learning_rate_schedule, make_heal_step,
                             make_optimizer, next_token_loss, train_state_shardings, trainable)
 from plrd_jax.transforms.prune import prune
 

@@ -39,7 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from plrd_jax.config import ModelConfig
+from plrd_jax.nn.config import ModelConfig
 
 GAMMA, ZETA, EPSILON = -0.1, 1.1, 1e-6
 TEMPERATURE = 2.0 / 3.0  # the reference code's β; the paper's appendix says 0.83

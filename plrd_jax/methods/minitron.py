@@ -14,10 +14,10 @@ sequence by an L2 norm and over the batch by a mean (the aggregation the papers 
   layers [L]     block importance 1 − mean_{w,t} cos(x_in[w, t], x_out[w, t]), x_in / x_out the layer's
                  input and output hidden states (d,)
 
-The activations are read with a Flax method interceptor (as `plrd_jax.calibrate` does): the inputs of `o`,
+The activations are read with a Flax method interceptor (as `plrd_jax.transforms.calibrate` does): the inputs of `o`,
 `down`, `q` (= attn_norm's output) and `gate` (= mlp_norm's output) of every layer, and the input and output of
 every `Block`; the model is untouched. The pruned model keeps the top-ranked units of a target shape
-(`minitron_masks`; heads by the GQA rule of `plrd_jax.masks`, the lowest-importance layers dropped) and
+(`minitron_masks`; heads by the GQA rule of `plrd_jax.nn.masks`, the lowest-importance layers dropped) and
 `plrd_jax.transforms.prune.prune` folds the 0/1 masks into a smaller dense model.
 
 Width targets for a parameter budget (`target_for_budget`, mode "width"): layers and kv heads stay; the rule
@@ -48,10 +48,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plrd_jax import masks as M
-from plrd_jax.config import ModelConfig
-from plrd_jax.linears import Linear
-from plrd_jax.model import Block, Decoder, count_params
+import plrd_jax.nn.masks as M
+from plrd_jax.nn.config import ModelConfig
+from plrd_jax.nn.linears import Linear
+from plrd_jax.nn.model import Block, Decoder, count_params
 from plrd_jax.transforms.prune import prune
 
 MODES = ("width", "depth")
@@ -146,7 +146,7 @@ def minitron_masks(config: ModelConfig, imp: dict, target: M.TargetShape) -> dic
     """0/1 masks z_layer [L], z_head [L, H], z_int [L, m], z_hidden [d] keeping the `target`'s counts of the
     highest-importance units of `imp` (from `importance`): the num_layers layers of highest block importance,
     per layer the intermediate_size best MLP channels, the hidden_size best embedding channels, and per layer
-    the heads by the GQA rule of `plrd_jax.masks` (the heads/kv best query heads of each kv group, in the kv
+    the heads by the GQA rule of `plrd_jax.nn.masks` (the heads/kv best query heads of each kv group, in the kv
     groups whose picked heads sum highest). Raises `masks.ShapeError` for a target the parent cannot take."""
     target = target.resolve(config)
     heads = M._keep_heads(jnp.asarray(imp["heads"], jnp.float32), config.num_kv_heads, target.num_heads,
