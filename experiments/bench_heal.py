@@ -86,7 +86,9 @@ def plrd_jax_heal_step(args, tokens):
     """One plrd_jax heal step (`make_heal_step`: AdamW, clip 1.0, cross-entropy) on tokens (1, B, T), as a
     function, after a warm-up step."""
     from plrd_jax.nn.sharding import make_mesh, param_shardings
-    from plrd_jax.training.step import HealConfig, init_train_state, make_heal_step
+    from plrd_jax.training.optim import HealConfig
+    from plrd_jax.training.state import init_train_state
+    from plrd_jax.training.step import make_heal_step
 
     config, params = load_parent(args)
     mesh = make_mesh((1, -1, 1))
@@ -172,8 +174,9 @@ def main():
     keep_freed_memory()  # restarts this script once, with malloc keeping freed memory (see timing.py)
 
     from plrd_jax.io.load import cast, load_model
-    from plrd_jax.nn.model import Decoder, count_params
-    from plrd_jax.training.step import model_flops_per_token
+    from plrd_jax.nn.model import Decoder
+    from plrd_jax.nn.accounting import count_params
+    from plrd_jax.nn.accounting import model_flops_per_token
     from plrd_jax.transforms import RankPlan, factorize
 
     if args.config_json and not os.path.isfile(args.config_json):

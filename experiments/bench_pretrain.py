@@ -31,7 +31,7 @@ from plrd_jax.nn.linears import choose_sparse_method, sltrain_matmul, sparse_sup
 from plrd_jax.methods.pretrain import compile_train_step, init_params, model_config, recipe
 from plrd_jax.reporting.summary import markdown_table, write_csv
 from plrd_jax.nn.sharding import make_mesh, param_shardings
-from plrd_jax.training.step import init_train_state
+from plrd_jax.training.state import init_train_state
 
 
 def table(rows):

@@ -5,7 +5,7 @@
 
 Both steps train the same parent on the same batches (grad_accum 1): the heal step is plrd_jax.training.step's
 (AdamW, clip, cross-entropy); the pruning step adds one hard-concrete sample of every mask, the masked forward
-and backward, the Lagrangian and the log α / λ updates (plrd_jax.methods.sheared.make_prune_step). Steps alternate
+and backward, the Lagrangian and the log α / λ updates (plrd_jax.methods.l0_pruning.make_prune_step). Steps alternate
 (heal, prune, heal, …) after one compile step each, so that load on a shared machine hits both alike; the
 median step time of each is reported. Writes shear_bench.json and shear_bench.md into --out.
 """
@@ -35,9 +35,11 @@ def main():
 
     import plrd_jax.nn.masks as M
     from plrd_jax.io.load import load_model
-    from plrd_jax.methods.sheared import L0Config, init_prune_state, make_prune_step
+    from plrd_jax.methods.l0_pruning import L0Config, init_prune_state, make_prune_step
     from plrd_jax.nn.sharding import make_mesh, param_shardings
-    from plrd_jax.training.step import HealConfig, init_train_state, make_heal_step
+    from plrd_jax.training.optim import HealConfig
+    from plrd_jax.training.state import init_train_state
+    from plrd_jax.training.step import make_heal_step
 
     config, params, _ = load_model(args.model)
     layers, hidden, heads, kv, inter = (int(x) for x in args.target.split(","))
@@ -64,7 +66,7 @@ def main():
         if i:
             times["heal"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        prune_state, metrics = prune_step(prune_state, batches[i])
+        prune_state, metrics = prune_step(prune_state, batches[i], None)
         jax.block_until_ready(metrics)
         if i:
             times["prune"].append(time.perf_counter() - t)

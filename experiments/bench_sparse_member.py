@@ -23,7 +23,8 @@ def main():
     args = ap.parse_args()
 
     from plrd_jax.io.load import load_model
-    from plrd_jax.nn.model import Decoder, count_params
+    from plrd_jax.nn.model import Decoder
+    from plrd_jax.nn.accounting import count_params
     from plrd_jax.reporting.summary import markdown_table
     from plrd_jax.transforms import RankPlan
     from plrd_jax.transforms.plan import resolve_ranks

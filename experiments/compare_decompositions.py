@@ -130,7 +130,7 @@ def main():
     from plrd_jax.data.corpora import load_dataset, load_documents, pack, tokenize
     from plrd_jax.evaluation.perplexity import perplexity
     from plrd_jax.io.load import load_model
-    from plrd_jax.nn.model import count_params
+    from plrd_jax.nn.accounting import count_params
     from plrd_jax.transforms import describe_scaling, factorize, plot_rank_heatmap, sparse_plus_lowrank
     from plrd_jax.transforms.allocate import allocate_ranks, compute_spectra, selected_paths
 
@@ -260,7 +260,9 @@ def main():
     # ---- healing ----
     if not args.no_heal:
         from plrd_jax.nn.sharding import make_mesh, param_shardings
-        from plrd_jax.training.step import HealConfig, init_train_state, make_heal_step
+        from plrd_jax.training.optim import HealConfig
+        from plrd_jax.training.state import init_train_state
+        from plrd_jax.training.step import make_heal_step
 
         heal_data = load_dataset("wikitext2-heal", tokenizer, HEAL_SEQ)
         heal = HealConfig(lr=2e-4, warmup_steps=min(4, args.heal_steps), total_steps=args.heal_steps, b1=0.9,

@@ -40,7 +40,7 @@ def main():
     from plrd_jax.data.corpora import DataError, load_dataset
     from plrd_jax.methods.pretrain import PretrainError, WindowBatches, load_tokenizer, model_config, pretrain, recipe
     from plrd_jax.reporting.summary import markdown_table
-    from plrd_jax.training.step import model_flops_per_token
+    from plrd_jax.nn.accounting import model_flops_per_token
 
     try:  # every preset, method and input checked before the first run
         runs = [(preset, method, recipe(preset, method, steps=args.steps, batch_size=args.batch_size,

@@ -52,7 +52,9 @@ def non_embedding(params) -> int:
 def heal_member(config, params, heal_data, args, seed=0):
     """`args.steps` healing steps (plrd_jax.training.step) on heal_data's windows in order; returns healed params."""
     from plrd_jax.nn.sharding import make_mesh, param_shardings
-    from plrd_jax.training.step import HealConfig, init_train_state, make_heal_step
+    from plrd_jax.training.optim import HealConfig
+    from plrd_jax.training.state import init_train_state
+    from plrd_jax.training.step import make_heal_step
 
     mesh = make_mesh()
     heal = HealConfig(lr=args.lr, warmup_steps=max(1, round(0.1 * args.steps)), total_steps=args.steps)
@@ -103,11 +105,11 @@ def main():
     from plrd_jax.data.corpora import load_dataset
     from plrd_jax.evaluation.perplexity import perplexity
     from plrd_jax.io.load import load_model
-    from plrd_jax.nn.model import count_params
+    from plrd_jax.nn.accounting import count_params
     from plrd_jax.reporting.summary import markdown_table, plot_ppl_vs_params, write_csv
     from plrd_jax.methods.sheared import ShearMember, ShearSchedule, run_shear
     from plrd_jax.io.store import FamilyStore, load_member
-    from plrd_jax.training.step import HealConfig
+    from plrd_jax.training.optim import HealConfig
     from plrd_jax.transforms import RankPlan, reduce_rank
 
     os.makedirs(args.work, exist_ok=True)

@@ -42,7 +42,7 @@ def main(argv=None):
 
     from plrd_jax.io.load import load_model
     from plrd_jax.methods.minitron import target_for_budget
-    from plrd_jax.nn.model import count_params
+    from plrd_jax.nn.accounting import count_params
     from plrd_jax.io.store import FamilyStore
 
     budgets = [float(x) for x in args.budgets.split(",")]

@@ -165,7 +165,7 @@ def main(argv=None):
         p.error("--lm-eval-python is required (or --make-tasks DIR)")
     from plrd_jax.io.hf import save_hf
     from plrd_jax.io.load import load_model
-    from plrd_jax.nn.model import count_params
+    from plrd_jax.nn.accounting import count_params
 
     work = Path(args.work)
     subprocess.run(["rm", "-rf", str(work)], check=True)

@@ -16,7 +16,7 @@ from plrd_jax.methods.plrd import Schedule, Stage
 from plrd_jax.methods.plrd import run_family
 from plrd_jax.nn.model import init_params
 from plrd_jax.io.store import FamilyStore
-from plrd_jax.training.step import HealConfig
+from plrd_jax.training.optim import HealConfig
 
 CONFIG = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
                      num_kv_heads=2, max_seq_len=64, tie_embeddings=True)

@@ -195,7 +195,7 @@ def test_family_members_follow_the_schedule_decomposition_and_allocation(tmp_pat
 
     from plrd_jax.methods.plrd import Schedule, Stage, run_family
     from plrd_jax.io.store import FamilyStore
-    from plrd_jax.training.step import HealConfig
+    from plrd_jax.training.optim import HealConfig
 
     heal, evals = tiny_data()
     parent = init_params(TINY, seed=0)

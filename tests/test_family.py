@@ -90,16 +90,16 @@ def test_members_are_scored_on_every_corpus_and_the_previous_member_can_teach(tm
     store.close()
     # Member 1's first distillation term, computed independently: member 0 as stored is the teacher, the
     # student is member 0 cut to member 1's ranks, on member 1's first batch.
-    from plrd_jax.methods.plrd import _data_step
-    from plrd_jax.nn.model import Decoder, count_params
-    from plrd_jax.training.step import distill_loss
+    from plrd_jax.nn.model import Decoder
+    from plrd_jax.nn.accounting import count_params
+    from plrd_jax.training.losses import distill_loss
     from plrd_jax.transforms.allocate import compress
 
     config0, member0, _ = load_member(f"{tmp_path / 'fam'}:0")
     plan = dataclasses.replace(schedule.stages[1].plan(count_params(params), schedule.matrices),
                                decomposition=schedule.decomposition)
     student, student_config, _ = compress(member0, plan, config0)
-    batch = heal.batch_at(_data_step(1, 0, [schedule.steps(s) for s in schedule.stages]), schedule.batch_size, 0)
+    batch = heal.batch_at(schedule.steps(schedule.stages[0]), schedule.batch_size, 0)  # stages read consecutive stretches
     want = distill_loss(Decoder(student_config).apply({"params": student}, batch),
                         Decoder(config0).apply({"params": member0}, batch))
     np.testing.assert_allclose(kd[1], float(want), rtol=1e-4)
@@ -121,7 +121,8 @@ def test_minitron_members_live_beside_plrd_members_in_one_store(tmp_path):
     from family_run import CONFIG, SCHEDULE, tiny_data
 
     from plrd_jax.methods.plrd import MEMBER_BASE, Schedule, Stage, run_family
-    from plrd_jax.nn.model import count_params, init_params
+    from plrd_jax.nn.model import init_params
+    from plrd_jax.nn.accounting import count_params
     from plrd_jax.io.store import load_member
 
     heal, evals = tiny_data()

@@ -141,7 +141,7 @@ def test_lowrank_product_has_the_dense_init_variance():
 
 # ---- what trains --------------------------------------------------------------------------------
 def test_sltrain_gradients_reach_a_b_values_and_never_the_support():
-    from plrd_jax.training.step import trainable
+    from plrd_jax.training.state import trainable
 
     spec = factorized_spec("sltrain", D_IN, D_OUT, R, density=0.1, alpha=8.0)
     layer = Linear(D_OUT, spec)

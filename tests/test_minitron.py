@@ -7,7 +7,8 @@ import pytest
 import plrd_jax.nn.masks as M
 from plrd_jax.nn.config import LinearSpec, ModelConfig
 from plrd_jax.methods.minitron import dense_count, importance, minitron_masks, minitron_prune, target_for_budget
-from plrd_jax.nn.model import Decoder, count_params, init_params
+from plrd_jax.nn.model import Decoder, init_params
+from plrd_jax.nn.accounting import count_params
 from plrd_jax.transforms.prune import pruned_shape
 
 GQA = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,

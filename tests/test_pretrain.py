@@ -8,10 +8,11 @@ import pytest
 
 from plrd_jax.nn.config import ConfigError
 from plrd_jax.nn.model import Decoder
-from plrd_jax.methods.pretrain import (PRESETS, PretrainError, StreamedBatches, WindowBatches, compile_train_step,
-                               count_trainable, init_params, model_config, parameter_counts, pretrain, recipe)
+from plrd_jax.data.batches import StreamedBatches, WindowBatches
+from plrd_jax.methods.pretrain import (PRESETS, PretrainError, count_trainable, init_params, model_config, parameter_counts, pretrain, recipe)
+from plrd_jax.training.compile import compile_train_step
 from plrd_jax.io.store import FamilyStore
-from plrd_jax.training.step import next_token_loss
+from plrd_jax.training.losses import next_token_loss
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2, num_kv_heads=2)
 

@@ -13,12 +13,13 @@ import pytest
 
 import plrd_jax.data.dynamic_loading as dl
 import plrd_jax.nn.masks as M
+import plrd_jax.methods.l0_pruning as L
 import plrd_jax.methods.sheared as S
 from plrd_jax.nn.config import ModelConfig
 from plrd_jax.nn.model import init_params
 from plrd_jax.nn.sharding import make_mesh, param_shardings
 from plrd_jax.io.store import FamilyStore, StoreError
-from plrd_jax.training.step import HealConfig
+from plrd_jax.training.optim import HealConfig
 from plrd_jax.transforms.prune import prune
 
 HERE = os.path.dirname(__file__)
@@ -28,9 +29,9 @@ GQA = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_layer
 
 def test_lagrangian_gradient_is_the_constraint_gap():
     log_alpha = M.init_log_alpha(jax.random.key(0), GQA, mean=0.5, std=1.0)
-    lambdas = {name: jnp.array([0.3, 0.7]) for name in S.LAGRANGIAN_TERMS}
+    lambdas = {name: jnp.array([0.3, 0.7]) for name in L.LAGRANGIAN_TERMS}
     targets = {"z_layer": 0.25, "z_int": 0.5}
-    (_, sparsity), grad = jax.value_and_grad(S.lagrangian, argnums=1, has_aux=True)(log_alpha, lambdas, targets)
+    (_, sparsity), grad = jax.value_and_grad(L.lagrangian, argnums=1, has_aux=True)(log_alpha, lambdas, targets)
     for name, t in targets.items():  # ∂/∂λ1 = mean(ŝ − t), ∂/∂λ2 = mean((ŝ − t)²)
         s = np.asarray(M.expected_sparsity(M.prob_nonzero(log_alpha))[name])
         np.testing.assert_allclose(grad[name], [np.mean(s - t), np.mean((s - t) ** 2)], rtol=1e-5)
@@ -40,7 +41,7 @@ def test_lagrangian_gradient_is_the_constraint_gap():
 
 def test_ramp_is_linear_over_the_first_fifth():
     final = {"z_int": 0.5}
-    assert [float(S.ramped_targets(final, s, 20)["z_int"]) for s in (0, 10, 20, 30)] == [0.0, 0.25, 0.5, 0.5]
+    assert [float(L.ramped_targets(final, s, 20)["z_int"]) for s in (0, 10, 20, 30)] == [0.0, 0.25, 0.5, 0.5]
 
 
 def test_lagrangian_drives_the_expected_size_to_the_target_within_100_steps():
@@ -50,18 +51,18 @@ def test_lagrangian_drives_the_expected_size_to_the_target_within_100_steps():
     target = M.TargetShape(3, 32, 4, 48, 2).resolve(GQA)
     mesh, params = make_mesh(), init_params(GQA)
     shardings = param_shardings(params, mesh)
-    heal, l0 = HealConfig(lr=1e-3, warmup_steps=0, total_steps=150), S.L0Config(ramp_fraction=0.2)
-    state = S.init_prune_state(params, GQA, heal, l0, mesh, shardings)
-    step = S.make_prune_step(GQA, target, heal, l0, mesh, shardings, total_steps=150)
+    heal, l0 = HealConfig(lr=1e-3, warmup_steps=0, total_steps=150), L.L0Config(ramp_fraction=0.2)
+    state = L.init_prune_state(params, GQA, heal, l0, mesh, shardings)
+    step = L.make_prune_step(GQA, target, heal, l0, mesh, shardings, total_steps=150)
     rng = np.random.default_rng(0)
     stream = ((np.arange(150 * 64) * 7 + rng.integers(0, 3, 150 * 64)) % 96).astype(np.int32)
     history = []
     for t in range(150):
-        state, metrics = step(state, stream[t * 64:(t + 1) * 64].reshape(1, 4, 16))
+        state, metrics = step(state, stream[t * 64:(t + 1) * 64].reshape(1, 4, 16), None)
         history.append({k: float(v) for k, v in metrics.items()})
     assert history[0]["expected_size"] > 3 * history[0]["target_size"]  # starts at the parent's size
     for m in history[100:]:
-        for name in S.lagrangian_targets(target, GQA):
+        for name in L.lagrangian_targets(target, GQA):
             assert abs(m[f"sparsity/{name}"] - m[f"target/{name}"]) < 0.03, (name, m)
         assert abs(m["expected_size"] / m["target_size"] - 1) < 0.10, m
     assert min(m["lambda1/z_int"] for m in history) < 0  # the multiplier ascended against a lagging sparsity

@@ -15,7 +15,8 @@ from safetensors.numpy import save_file
 
 from plrd_jax.nn.config import LinearSpec, ModelConfig
 from plrd_jax.io.hf import CheckpointError, config_to_hf, hf_state_dict, load_hf
-from plrd_jax.nn.model import count_params, init_params
+from plrd_jax.nn.model import init_params
+from plrd_jax.nn.accounting import count_params
 from plrd_jax.io.store import load_member
 from plrd_jax.nn.model import Decoder
 from plrd_jax.io.streaming import (abstract_params, factorize_streamed, open_checkpoint, prune_streamed, read_tensor,

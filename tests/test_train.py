@@ -12,9 +12,11 @@ import pytest
 from plrd_jax import LinearSpec, ModelConfig, init_params
 from plrd_jax.nn.model import Decoder
 from plrd_jax.nn.sharding import make_mesh, param_shardings
-from plrd_jax.training.step import (HealConfig, decay_mask, distill_loss, distill_top_k_loss, init_train_state,
-                            learning_rate_schedule, make_heal_step, matmul_params, model_flops_per_token,
-                            next_token_loss, sparse_distill_loss, teacher_top_k, trainable)
+from plrd_jax.nn.accounting import matmul_params, model_flops_per_token
+from plrd_jax.training.losses import distill_loss, distill_top_k_loss, next_token_loss, sparse_distill_loss, teacher_top_k
+from plrd_jax.training.optim import HealConfig, decay_mask, learning_rate_schedule
+from plrd_jax.training.state import init_train_state, trainable
+from plrd_jax.training.step import make_heal_step
 
 TINY = ModelConfig(vocab_size=100, hidden_size=48, intermediate_size=72, num_layers=1, num_heads=3,
                    num_kv_heads=1, max_seq_len=32)
@@ -284,7 +286,9 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax, numpy as np
 from plrd_jax import ModelConfig, LinearSpec, init_params
 from plrd_jax.nn.sharding import make_mesh, param_shardings
-from plrd_jax.training.step import HealConfig, init_train_state, make_heal_step
+from plrd_jax.training.optim import HealConfig
+from plrd_jax.training.state import init_train_state
+from plrd_jax.training.step import make_heal_step
 
 name = sys.argv[1]
 dense = ModelConfig(vocab_size=100, hidden_size=48, intermediate_size=72, num_layers=1, num_heads=3,

@@ -109,7 +109,7 @@ ARTICLE_START = re.compile(r" = [^=](?:.*[^=])? = ")
 def shared_data_dir() -> Path:
     """The shared data folder: `$PLRD_SHARED_DATA`, else `<repo>/../shared/data`."""
     env = os.environ.get("PLRD_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def sha256_file(path: Path) -> str:
@@ -278,8 +278,11 @@ def load_text(name: str, data_dir: str | Path | None = None, text_field: str = "
 
 
 def _read_text(path: Path) -> str:
-    with open(path, encoding="utf-8") as f:  # universal newlines
-        return f.read()
+    try:
+        with open(path, encoding="utf-8") as f:  # universal newlines
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8") from None
 
 
 def _looks_like_path(name: str) -> bool:
@@ -546,8 +549,11 @@ def parse_mixture(spec: str | Mapping[str, float]) -> dict[str, float]:
     if isinstance(spec, Mapping):
         items = list(spec.items())
     elif spec.endswith(".json") and os.path.isfile(spec):
-        with open(spec) as f:
-            loaded = json.load(f)
+        try:
+            with open(spec, encoding="utf-8") as f:
+                loaded = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"mixture file {spec} is not UTF-8 JSON ({e})") from None
         if not isinstance(loaded, dict):
             raise DataError(f"mixture file {spec}: expected a JSON object {{source: weight}}")
         items = list(loaded.items())

@@ -111,6 +111,18 @@ def perplexities(model: ModelConfig | ApplyFn, params, corpora, batch_size: int 
             for name, windows in corpora.items()}
 
 
+def evaluate_corpora(model: ModelConfig | ApplyFn, params, corpora, batch_size: int = 8,
+                     report: Callable[..., None] = lambda **info: None) -> dict[str, float]:
+    """corpus -> PPL of the model on each of `corpora` ({name: windows [N, T]}); after each corpus
+    `report(corpus=name, **Perplexity.to_dict())` (a progress hook: the library never prints)."""
+    out = {}
+    for name, windows in corpora.items():
+        result = perplexity(model, params, windows, batch_size=batch_size)
+        report(corpus=name, **result.to_dict())
+        out[name] = result.ppl
+    return out
+
+
 def geometric_mean(values) -> float:
     """(Π x_i)^(1/n) computed in log space; the summary statistic of per-corpus PPL ratios to the parent."""
     values = np.asarray(list(values), np.float64)

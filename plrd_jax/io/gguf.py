@@ -26,6 +26,7 @@ from plrd_jax.nn.config import ConfigError, ModelConfig
 from plrd_jax.io.hf import CheckpointError, _dtype_name, params_from_hf
 
 ARCHITECTURE = "llama"
+GGUF_MAGIC = b"GGUF"
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K)
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
@@ -41,10 +42,22 @@ def open_gguf(source: str | os.PathLike | GGUFReader) -> GGUFReader:
     path = Path(source)
     if not path.is_file():
         raise CheckpointError(f"no GGUF file at {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise CheckpointError(f"{path} is not a readable GGUF file: it does not start with the GGUF magic bytes "
+                              f"({size:,} bytes)")
     try:
-        return GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/struct errors on anything that is not GGUF
-        raise CheckpointError(f"{path} is not a readable GGUF file: {e}") from None
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on a short or damaged file
+        raise CheckpointError(f"{path} is not a readable GGUF file: truncated or corrupt ({size:,} bytes; the "
+                              f"reader stopped at: {type(e).__name__})") from None
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise CheckpointError(f"{path} is not a readable GGUF file: truncated ({size:,} bytes where its tensors "
+                              f"need {end:,})")
+    return reader
 
 
 def metadata(reader: GGUFReader) -> dict:

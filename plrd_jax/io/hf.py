@@ -34,6 +34,10 @@ class CheckpointError(ValueError):
     """A checkpoint (file, directory, tensor or tokenizer) that cannot be read as the model it claims to be."""
 
 
+class OutputError(ValueError):
+    """An output location (file or directory) this process cannot create or write."""
+
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # HF model types we read, and how each one's attention differs from LLaMA's.
@@ -171,28 +175,75 @@ def params_from_hf(tensors: Iterable[tuple[str, np.ndarray]], config: ModelConfi
 
 
 # ---- reading --------------------------------------------------------------------------------------
+def read_json(file: str | os.PathLike) -> Any:
+    """The JSON document in `file`; a file that is not UTF-8 JSON is a CheckpointError naming it."""
+    file = Path(file)
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{file} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+
+
+def check_safetensors(file: str | os.PathLike) -> None:
+    """Refuse a safetensors file that is empty, truncated or has no readable header, naming it (reads only the
+    header, so a broken checkpoint fails before any tensor is loaded)."""
+    file = Path(file)
+    size = file.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{file} is empty (0 bytes): the checkpoint was not written completely; "
+                              f"export or download it again")
+    with open(file, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            raise CheckpointError(f"{file} is truncated or corrupt ({size:,} bytes, shorter than its own header)")
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise CheckpointError(f"{file} is not a safetensors file (unreadable header)") from None
+    if 8 + length + end > size:
+        raise CheckpointError(f"{file} is truncated: {size:,} bytes where its header describes "
+                              f"{8 + length + end:,}; export or download it again")
+
+
 def safetensors_files(path: str | os.PathLike) -> list[Path]:
-    """The safetensors files of an HF directory: `model.safetensors`, or the shards its index lists."""
+    """The safetensors files of an HF directory: `model.safetensors`, or the shards its index lists (each one's
+    header checked: an empty or truncated file is an error naming it)."""
     path = Path(path)
     if (path / SINGLE_FILE).is_file():
-        return [path / SINGLE_FILE]
-    index = path / INDEX_FILE
-    if not index.is_file():
-        raise CheckpointError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
-    weight_map = json.loads(index.read_text())["weight_map"]
-    shards = sorted(set(weight_map.values()))
-    for shard in shards:
-        if not (path / shard).is_file():
-            raise CheckpointError(f"shard {shard} listed in {index} is missing")
-    return [path / shard for shard in shards]
+        files = [path / SINGLE_FILE]
+    else:
+        index = path / INDEX_FILE
+        if not index.is_file():
+            raise CheckpointError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+        document = read_json(index)
+        weight_map = document.get("weight_map") if isinstance(document, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map")
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not (path / shard).is_file():
+                raise CheckpointError(f"shard {shard} listed in {index} is missing")
+        files = [path / shard for shard in shards]
+    for file in files:
+        check_safetensors(file)
+    return files
 
 
 def read_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) for every tensor of the files, one tensor in memory at a time."""
     for file in files:
-        with safe_open(file, framework="numpy") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        try:
+            with safe_open(file, framework="numpy") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except Exception as e:  # safetensors' own error type is no ValueError
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{file} cannot be read as safetensors: {e}") from None
 
 
 def load_hf(path: str | os.PathLike, dtype=None) -> tuple[ModelConfig, dict]:
@@ -203,7 +254,10 @@ def load_hf(path: str | os.PathLike, dtype=None) -> tuple[ModelConfig, dict]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path} has no config.json")
-    config = config_from_hf(json.loads(config_file.read_text()), dtype)
+    hf = read_json(config_file)
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{config_file} is not a JSON object")
+    config = config_from_hf(hf, dtype)
     return config, params_from_hf(read_safetensors(safetensors_files(path)), config)
 
 
@@ -243,9 +297,9 @@ def save_hf(params, config: ModelConfig, out_dir: str | os.PathLike, tokenizer=N
     renamed into place at the end, so a failure leaves no partial checkpoint behind.
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; pass overwrite=True to replace it")
+    check_save_target(out, overwrite)
     params, config = _dense(params, config)
+    created = _missing_ancestors(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -265,5 +319,60 @@ def save_hf(params, config: ModelConfig, out_dir: str | os.PathLike, tokenizer=N
             tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # parents this call made, innermost first, when still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     return out
+
+
+def check_save_target(out_dir: str | os.PathLike, overwrite: bool = False, hint: str = "pass overwrite=True") -> None:
+    """What `save_hf(..., out_dir, overwrite=overwrite)` would refuse, raised before any work: an existing
+    `out_dir` without `overwrite` (the error says `hint`), a file or a non-checkpoint directory in its place, or a
+    location this process cannot write."""
+    out = Path(out_dir)
+    if out.is_dir():
+        if not overwrite:
+            raise CheckpointError(f"{out} already exists; {hint} to replace it")
+        if any(out.iterdir()) and not (out / "config.json").is_file():
+            raise CheckpointError(f"{out} is a directory but no Hugging Face checkpoint (no config.json); "
+                                  f"refusing to replace it")
+    elif out.exists():
+        raise CheckpointError(f"{out} already exists and is a file, not a checkpoint directory")
+    check_writable(out.parent if out.exists() else out)
+
+
+def _missing_ancestors(path: Path) -> list[Path]:
+    """`path` and its parents that do not exist yet, innermost first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def check_writable(path: str | os.PathLike, file: bool = False) -> None:
+    """Raise OutputError unless this process can create `path` (a directory, or a file with `file`) or write into
+    it where it exists. Creates nothing: a probe file in the nearest existing directory is removed at once.
+    Remote paths (`gs://...`) are left to their own client."""
+    text = os.fspath(path)
+    if "://" in text:
+        return
+    target = Path(text).expanduser().absolute()
+    if target.is_dir() and file:
+        raise OutputError(f"cannot write {target}: it is a directory")
+    if target.exists() and not target.is_dir() and not file:
+        raise OutputError(f"cannot write {target}: it is a file, not a directory")
+    folder = target if target.is_dir() else target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"cannot create {target}: {folder} is a file, not a directory")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".plrd-write-probe-", dir=folder)
+    except OSError as e:
+        raise OutputError(f"cannot write {target}: {folder} is not writable ({e.strerror})") from None
+    os.close(handle)
+    os.unlink(probe)

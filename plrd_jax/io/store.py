@@ -12,6 +12,7 @@ exist for resume). Each step has three items:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from plrd_jax.io.hf import check_writable
 from plrd_jax.nn.config import ModelConfig
 
 
@@ -47,20 +49,54 @@ def _is_final(directory: str, step: int) -> bool:
         return False
 
 
+TMP_MARK = ".orbax-checkpoint-tmp"  # what Orbax appends to a step (or item) directory while it is being saved
+
+
+def remove_interrupted_saves(directory: str) -> list[str]:
+    """Delete the step directories an interrupted save left behind (`N.orbax-checkpoint-tmp...`); they hold no
+    finished checkpoint (Orbax renames a step into place only once all of it is written). Returns their names."""
+    import shutil
+
+    if not os.path.isdir(directory) or jax.process_index() != 0:
+        return []
+    names = sorted(n for n in os.listdir(directory) if TMP_MARK in n)
+    for name in names:
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    return names
+
+
+@contextlib.contextmanager
+def _quiet_absl(quiet: bool):
+    from absl import logging as absl_logging
+
+    level = absl_logging.get_verbosity()
+    if quiet:
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
 class FamilyStore:
     def __init__(self, directory: str | os.PathLike, keep_latest: int = 2, read_only: bool = False):
         self.directory = os.path.abspath(os.fspath(directory))
         if read_only and not os.path.isdir(self.directory):
             raise StoreError(f"family directory {self.directory} does not exist")
+        if not read_only:  # an unwritable location fails here, by name, not inside Orbax
+            check_writable(os.fspath(directory))
+            remove_interrupted_saves(self.directory)  # read-only opens skip them (Orbax lists finished steps only)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy([policies.LatestN(keep_latest), KeepFinalMembers(self.directory)]),
             read_only=read_only,
             create=not read_only,
             cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=False,  # a family checkpoint is small next to the step time on CPU
+            **({"save_interval_steps": 0} if read_only else {}),
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("params", "opt_state", "metadata"))
+        with _quiet_absl(read_only):  # Orbax warns that a read-only directory is read-only
+            self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                                 item_names=("params", "opt_state", "metadata"))
 
     # ---- writing --------------------------------------------------------------------------------
     def save(self, step: int, params, metadata: dict[str, Any], opt_state=None) -> None:
@@ -85,6 +121,10 @@ class FamilyStore:
         """Metadata of every finished member, in member order."""
         out = [m for m in (self.metadata(s) for s in self.steps()) if m.get("final")]
         return sorted(out, key=lambda m: m["member"])
+
+    def members_named(self, name: str) -> list[dict[str, Any]]:
+        """Metadata of every finished member called `name` (one, unless earlier versions stored duplicates)."""
+        return [m for m in self.members() if m.get("name") == name]
 
     def find_member(self, ref: str) -> dict[str, Any]:
         """A finished member by index ("2") or name ("plrd-60%")."""

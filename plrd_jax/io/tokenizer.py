@@ -18,7 +18,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 from plrd_jax.io.gguf import metadata, open_gguf
-from plrd_jax.io.hf import CheckpointError
+from plrd_jax.io.hf import CheckpointError, read_json
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 _GPT2_BYTE_LEVEL = dict(add_prefix_space=False, trim_offsets=True, use_regex=True)
@@ -111,11 +111,16 @@ class Tokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise CheckpointError(f"no tokenizer.json at {path}")
-        backend = Backend.from_file(str(file))
+        try:
+            backend = Backend.from_file(str(file))
+        except Exception as e:  # the tokenizers library raises its own exception type
+            raise CheckpointError(f"{file} is not a readable tokenizer.json: {e}") from None
         config_file = file.parent / "tokenizer_config.json"
         ids = {"bos_token": bos_token_id, "eos_token": eos_token_id}
         if config_file.is_file():
-            config = json.loads(config_file.read_text())
+            config = read_json(config_file)
+            if not isinstance(config, dict):
+                raise CheckpointError(f"{config_file} is not a JSON object")
             for key in ids:
                 token = config.get(key)
                 token = token.get("content") if isinstance(token, dict) else token

@@ -32,11 +32,15 @@ import numpy as np
 
 from plrd_jax.transforms.calibrate import calibrate
 from plrd_jax.nn.config import ModelConfig
-from plrd_jax.evaluation.perplexity import perplexity
-from plrd_jax.nn.model import count_params
+from plrd_jax.evaluation.perplexity import evaluate_corpora
+from plrd_jax.io.store import FamilyStore, StoreError
+from plrd_jax.nn.accounting import count_params
+from plrd_jax.nn.model import abstract_params
 from plrd_jax.nn.sharding import make_mesh, param_shardings, replicated
-from plrd_jax.io.store import FamilyStore, StoreError, abstract_params
-from plrd_jax.training.step import HealConfig, init_train_state, make_heal_step
+from plrd_jax.training.loop import run_stage, state_layout
+from plrd_jax.training.optim import HealConfig, make_optimizer
+from plrd_jax.training.state import init_train_state
+from plrd_jax.training.step import make_heal_step
 from plrd_jax.transforms.allocate import compress
 from plrd_jax.transforms.plan import RankPlan
 
@@ -174,146 +178,160 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
         eval_sets = {"eval": np.asarray(eval_sets)}
     if calibration_windows is None:
         calibration_windows = heal_data.windows[:schedule.calibration_windows]
-    mesh = make_mesh(mesh_shape)
     parent_count = count_params(parent_params)
-    run_id = fingerprint({"parent": parent, "schedule": schedule.to_dict(), "data": data_spec, "seed": seed,
-                          "parent_params": parent_count})
+    run = _FamilyRun(parent, parent_config, parent_params, parent_count, schedule, heal_data, eval_sets, store,
+                     calibration_windows, make_mesh(mesh_shape), save_every, eval_batch_size, seed, data_spec,
+                     on_event)
+    run.run_id = fingerprint({"parent": parent, "schedule": schedule.to_dict(), "data": data_spec, "seed": seed,
+                              "parent_params": parent_count})
     existing = {s: store.metadata(s) for s in store.steps()}
     mine = {s for s, m in existing.items() if m.get("method", "plrd") == schedule.method}  # others live beside
-    if any(existing[s].get("run") != run_id for s in mine):
+    if any(existing[s].get("run") != run.run_id for s in mine):
         raise StoreError(f"{store.directory} holds checkpoints of another family run (different parent, schedule "
                          "or data); choose a new --out directory")
-    parent_ppl = next((existing[s]["parent_ppl"] for s in mine if "parent_ppl" in existing[s]), None)
-    if parent_ppl is None:
-        parent_ppl = _eval(parent_config, parent_params, eval_sets, eval_batch_size, on_event, "parent", -1)
-    on_event("parent", {"ppl": parent_ppl, "params": parent_count})
-    steps = [schedule.steps(s) for s in schedule.stages]
-    starts = (STEP_BASE[schedule.method] + np.cumsum([0] + [n + 1 for n in steps])[:-1]).tolist()
-    use_teacher = schedule.heal.kd_weight > 0
-    placed_parent = None
-    if use_teacher:
-        placed_parent = jax.device_put(parent_params, param_shardings(parent_params, mesh))
-    parent_stats = None  # one-shot members all calibrate on the parent: once is enough
-    results, prev_config, prev_params = [], parent_config, parent_params
-    saved = mine
-    for index, stage in enumerate(schedule.stages):
-        k = MEMBER_BASE[schedule.method] + index  # the member's number in the store
-        start, n_steps = starts[index], steps[index]
+    run.parent_ppl = next((existing[s]["parent_ppl"] for s in mine if "parent_ppl" in existing[s]), None)
+    if run.parent_ppl is None:
+        run.parent_ppl = _eval(parent_config, parent_params, eval_sets, eval_batch_size, on_event, "parent", -1)
+    on_event("parent", {"ppl": run.parent_ppl, "params": parent_count})
+    if schedule.heal.kd_weight > 0:
+        run.placed_parent = jax.device_put(parent_params, param_shardings(parent_params, run.mesh))
+    results, prev = [], (parent_config, parent_params)
+    for index in range(len(schedule.stages)):
+        result, prev = run.member(index, prev, mine)
+        results.append(result)
+    return results
+
+
+@dataclasses.dataclass
+class _FamilyRun:
+    """The state shared by the members of one `run_family` call."""
+
+    parent: str
+    parent_config: ModelConfig
+    parent_params: Any
+    parent_count: int
+    schedule: Schedule
+    heal_data: Any
+    eval_sets: dict
+    store: FamilyStore
+    calibration_windows: np.ndarray
+    mesh: Any
+    save_every: int
+    eval_batch_size: int
+    seed: int
+    data_spec: dict | None
+    on_event: Callable
+    run_id: str = ""
+    parent_ppl: dict | None = None
+    placed_parent: Any = None
+    parent_stats: Any = None  # one-shot members all calibrate on the parent: once is enough
+
+    def steps(self) -> list[int]:
+        return [self.schedule.steps(s) for s in self.schedule.stages]
+
+    def member(self, index: int, prev, saved) -> tuple[MemberResult, tuple]:
+        """Member `index`: restored if finished, else cut from its source (or resumed) and healed."""
+        schedule, store, steps = self.schedule, self.store, self.steps()
+        stage, k = schedule.stages[index], MEMBER_BASE[schedule.method] + index  # k: its number in the store
+        start = int(STEP_BASE[schedule.method] + sum(n + 1 for n in steps[:index]))
+        n_steps = steps[index]
         final = start + n_steps
         if final in saved:  # finished in an earlier run
             meta = store.metadata(final)
             config = ModelConfig.from_dict(meta["config"])
             params, _ = store.restore(final, abstract_params(config))
-            results.append(MemberResult(**meta["result"]))
-            prev_config, prev_params = config, params
-            on_event("member", {"result": results[-1], "restored": True, "parent_ppl": parent_ppl})
-            continue
+            result = MemberResult(**meta["result"])
+            self.on_event("member", {"result": result, "restored": True, "parent_ppl": self.parent_ppl})
+            return result, (config, params)
         t0 = time.perf_counter()
         resume = max((s for s in saved if start <= s < final), default=None)
         heal = schedule.heal.replace(total_steps=max(n_steps, 1),
                                      warmup_steps=min(schedule.heal.warmup_steps, max(n_steps - 1, 0)))
-        on_event("stage", {"member": k, "name": stage.name, "steps": n_steps, "resume_step": resume})
+        self.on_event("stage", {"member": k, "name": stage.name, "steps": n_steps, "resume_step": resume})
         if resume is not None:
             meta = store.metadata(resume)
-            config = ModelConfig.from_dict(meta["config"])
-            shardings = param_shardings(abstract_params(config), mesh)
-            params, _ = store.restore(resume, abstract_params(config, shardings))
-            state = init_train_state(params, heal, mesh, shardings)
-            _, opt_state = store.restore(resume, _abstract(state.params), _abstract(state.opt_state))
-            t_done = resume - start
-            state = state.replace(step=state.step + t_done, opt_state=opt_state)
+            config, params = ModelConfig.from_dict(meta["config"]), None
             ppl_before, elapsed = meta["ppl_before"], meta["wall_s"]
-            heal_s, timed = meta.get("heal_s", 0.0), meta.get("heal_steps_timed", 0)
             decomposition_report = meta.get("decomposition_report")
+            shardings = param_shardings(abstract_params(config), self.mesh)
         else:
-            source_config, source_params = (prev_config, prev_params) if schedule.progressive else (
-                parent_config, parent_params)
-            if jax.process_count() > 1:
-                # Replicated in one program first: the transforms' op-by-op programs then need no collectives,
-                # whose order two processes could otherwise interleave differently (and deadlock).
-                source_params = jax.jit(lambda p: p, out_shardings=replicated(mesh))(source_params)
-            if schedule.method == "minitron":
-                from plrd_jax.methods.minitron import minitron_prune
-
-                params, config, decomposition_report = minitron_prune(
-                    source_config, source_params, calibration_windows,
-                    int(round(stage.budget_fraction * parent_count)), schedule.minitron_mode)
-            else:
-                plan = dataclasses.replace(stage.plan(parent_count, schedule.matrices, schedule.multiple_of),
-                                           decomposition=schedule.decomposition)
-                stats = None
-                if plan.decomposition.needs_stats or schedule.allocation != "uniform":
-                    stats = parent_stats
-                    if stats is None:
-                        stats = calibrate(source_config, source_params, calibration_windows,
-                                          fisher=plan.decomposition.needs_fisher)
-                        parent_stats = None if schedule.progressive else stats
-                params, config, decomposition_report = compress(source_params, plan, source_config,
-                                                                allocation=schedule.allocation, stats=stats)
-            shardings = param_shardings(params, mesh)
-            ppl_before = _eval(config, params, eval_sets, eval_batch_size, on_event, "before", k)
-            state = init_train_state(params, heal, mesh, shardings)
-            elapsed, t_done, heal_s, timed = 0.0, 0, 0.0, 0
-        base_meta = {"member": k, "name": stage.name, "method": schedule.method, "run": run_id, "parent": parent,
-                     "schedule": schedule.to_dict(), "data": data_spec, "config": config.to_dict(),
-                     "params": count_params(state.params), "compression": count_params(state.params) / parent_count,
-                     "ppl_before": ppl_before, "parent_ppl": parent_ppl,
+            params, config, decomposition_report = self.cut(stage, prev)
+            shardings = param_shardings(params, self.mesh)
+            ppl_before = _eval(config, params, self.eval_sets, self.eval_batch_size, self.on_event, "before", k)
+            elapsed = 0.0
+        count = count_params(abstract_params(config))
+        base_meta = {"member": k, "name": stage.name, "method": schedule.method, "run": self.run_id,
+                     "parent": self.parent, "schedule": schedule.to_dict(), "data": self.data_spec,
+                     "config": config.to_dict(), "params": count, "compression": count / self.parent_count,
+                     "ppl_before": ppl_before, "parent_ppl": self.parent_ppl,
                      "decomposition_report": decomposition_report}
-        if n_steps > t_done:
-            teacher_config, teacher_params = None, None
-            if use_teacher:
-                teacher_config, teacher_params = parent_config, placed_parent
-                if schedule.teacher == "previous" and index > 0:
-                    teacher_config = prev_config
-                    teacher_params = jax.device_put(prev_params, param_shardings(prev_params, mesh))
-            step_fn = make_heal_step(config, heal, mesh, shardings, teacher=teacher_config)
-            tokens_per_step = schedule.batch_size * schedule.seq_len * heal.grad_accum
-            for t in range(t_done, n_steps):
-                batch = heal_data.batch_at(_data_step(index, t, steps), schedule.batch_size * heal.grad_accum, seed)
-                batch = batch.reshape(heal.grad_accum, schedule.batch_size, schedule.seq_len)
-                ts = time.perf_counter()
-                state, metrics = step_fn(state, batch, teacher_params)
-                metrics = {key: float(v) for key, v in metrics.items()}
-                seconds = time.perf_counter() - ts
-                if t > t_done:  # the first step of a process compiles: heal_s times the others
-                    heal_s, timed = heal_s + seconds, timed + 1
-                on_event("step", {"member": k, "step": t + 1, "steps": n_steps, "tokens": tokens_per_step,
-                                  "seconds": seconds, **metrics})
-                if save_every and (t + 1) % save_every == 0 and t + 1 < n_steps:
-                    store.save(start + t + 1, state.params, {
-                        **base_meta, "step": start + t + 1, "final": False, "tokens": (t + 1) * tokens_per_step,
-                        "wall_s": elapsed + time.perf_counter() - t0, "heal_s": heal_s,
-                        "heal_steps_timed": timed}, opt_state=state.opt_state)
-        params = state.params
-        ppl_after = _eval(config, params, eval_sets, eval_batch_size, on_event, "after", k) if n_steps else ppl_before
-        count = count_params(params)
-        result = MemberResult(k, stage.name, count, count / parent_count, ppl_before, ppl_after,
-                              n_steps * schedule.batch_size * schedule.seq_len * heal.grad_accum,
-                              elapsed + time.perf_counter() - t0, _ranks(config))
+        tokens_per_step = schedule.batch_size * schedule.seq_len * heal.grad_accum
+        teacher_config, teacher_params = self.teacher(index, prev)
+
+        def batch_at(t):
+            batch = self.heal_data.batch_at(sum(steps[:index]) + t, schedule.batch_size * heal.grad_accum, self.seed)
+            return batch.reshape(heal.grad_accum, schedule.batch_size, schedule.seq_len)
+
+        def checkpoint_meta(t, run):
+            return {**base_meta, "step": start + t, "final": False, "tokens": t * tokens_per_step,
+                    "wall_s": elapsed + time.perf_counter() - t0, "heal_s": heal_s0 + run.heal_s,
+                    "heal_steps_timed": timed0 + run.timed}
+
+        heal_s0, timed0 = (meta.get("heal_s", 0.0), meta.get("heal_steps_timed", 0)) if resume is not None else (0, 0)
+        step_fn = make_heal_step(config, heal, self.mesh, shardings, teacher=teacher_config) if n_steps else None
+        run = run_stage(
+            step_fn, steps=n_steps, batch_at=batch_at, init=lambda: init_train_state(params, heal, self.mesh, shardings),
+            layout=state_layout(abstract_params(config), make_optimizer(heal), self.mesh, shardings), store=store,
+            start=start, resume=resume, extra=teacher_params, save_every=self.save_every,
+            checkpoint_meta=checkpoint_meta, on_event=self.on_event, info={"member": k, "tokens": tokens_per_step},
+            evaluate=lambda state: _eval(config, state.params, self.eval_sets, self.eval_batch_size, self.on_event,
+                                         "after", k) if n_steps else ppl_before)
+        params, ppl_after = run.state.params, run.evaluation
+        result = MemberResult(k, stage.name, count, count / self.parent_count, ppl_before, ppl_after,
+                              n_steps * tokens_per_step, elapsed + time.perf_counter() - t0, _ranks(config))
         store.save(final, params, {**base_meta, "step": final, "final": True, "tokens": result.tokens,
                                    "wall_s": result.wall_s, "ppl_after": ppl_after,
-                                   "heal_s": heal_s, "heal_steps_timed": timed,
+                                   "heal_s": heal_s0 + run.heal_s, "heal_steps_timed": timed0 + run.timed,
                                    "result": dataclasses.asdict(result)})
-        results.append(result)
-        on_event("member", {"result": result, "restored": False, "parent_ppl": parent_ppl})
-        prev_config, prev_params = config, params
-    return results
+        self.on_event("member", {"result": result, "restored": False, "parent_ppl": self.parent_ppl})
+        return result, (config, params)
 
+    def teacher(self, index: int, prev):
+        """(config, placed params) of the model member `index` distils from, or (None, None)."""
+        if self.schedule.heal.kd_weight <= 0:
+            return None, None
+        if self.schedule.teacher == "previous" and index > 0:
+            return prev[0], jax.device_put(prev[1], param_shardings(prev[1], self.mesh))
+        return self.parent_config, self.placed_parent
 
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    def cut(self, stage: Stage, prev):
+        """(params, config, report) of a new member: ranks lowered (plrd) or pruned (minitron) from its source,
+        the healed previous member (progressive) or the parent (one-shot)."""
+        schedule = self.schedule
+        source_config, source_params = prev if schedule.progressive else (self.parent_config, self.parent_params)
+        if jax.process_count() > 1:
+            # Replicated in one program first: the transforms' op-by-op programs then need no collectives,
+            # whose order two processes could otherwise interleave differently (and deadlock).
+            source_params = jax.jit(lambda p: p, out_shardings=replicated(self.mesh))(source_params)
+        budget = None if stage.budget_fraction is None else int(round(stage.budget_fraction * self.parent_count))
+        if schedule.method == "minitron":
+            from plrd_jax.methods.minitron import minitron_prune
 
-
-def _data_step(member: int, step: int, steps: list[int]) -> int:
-    """Global position in the heal data: stages read consecutive, disjoint stretches of the stream."""
-    return sum(steps[:member]) + step
+            return minitron_prune(source_config, source_params, self.calibration_windows, budget,
+                                  schedule.minitron_mode)
+        plan = dataclasses.replace(stage.plan(self.parent_count, schedule.matrices, schedule.multiple_of),
+                                   decomposition=schedule.decomposition)
+        stats = None
+        if plan.decomposition.needs_stats or schedule.allocation != "uniform":
+            stats = self.parent_stats
+            if stats is None:
+                stats = calibrate(source_config, source_params, self.calibration_windows,
+                                  fisher=plan.decomposition.needs_fisher)
+                self.parent_stats = None if schedule.progressive else stats
+        return compress(source_params, plan, source_config, allocation=schedule.allocation, stats=stats)
 
 
 def _eval(config, params, eval_sets, batch_size, on_event, when, member) -> dict[str, float]:
     """corpus -> PPL of the model on each evaluation corpus; one "eval" event per corpus."""
-    out = {}
-    for name, windows in eval_sets.items():
-        result = perplexity(config, params, windows, batch_size=batch_size)
-        on_event("eval", {"member": member, "when": when, "corpus": name, **result.to_dict()})
-        out[name] = result.ppl
-    return out
+    return evaluate_corpora(config, params, eval_sets, batch_size,
+                            lambda **info: on_event("eval", {"member": member, "when": when, **info}))

@@ -35,24 +35,26 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import math
-import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plrd_jax.nn.config import MATRIX_KINDS, ConfigError, ModelConfig
-from plrd_jax.data.corpora import batch_at, load_documents, stream_windows
+from plrd_jax.data.batches import StreamedBatches, WindowBatches, load_tokenizer  # noqa: F401  (the run's data)
 from plrd_jax.evaluation.perplexity import perplexity
+from plrd_jax.io.store import FamilyStore, StoreError
+from plrd_jax.nn.config import MATRIX_KINDS, ModelConfig
 from plrd_jax.nn.linears import factorized_spec
+from plrd_jax.nn.model import abstract_params
 from plrd_jax.nn.model import init_params as init_model_params
 from plrd_jax.nn.sharding import make_mesh, param_shardings
-from plrd_jax.io.store import FamilyStore, StoreError, abstract_params
-from plrd_jax.training.step import HealConfig, init_train_state, make_heal_step
+from plrd_jax.training.compile import compile_train_step
+from plrd_jax.training.loop import run_stage, state_layout
+from plrd_jax.training.optim import HealConfig, make_optimizer
+from plrd_jax.training.state import TrainState, init_train_state
 
 METHODS = ("full", "lowrank", "cola", "cola-m", "sltrain")
 
@@ -214,132 +216,6 @@ def parameter_counts(params) -> dict[str, int]:
     return counts
 
 
-# ---- data ---------------------------------------------------------------------------------------
-def load_tokenizer(spec: str):
-    """(tokenizer, model vocab size) for an embedded model's name ("smollm2-135m"), an HF directory or
-    tokenizer.json, or a Hugging Face hub name such as "t5-base" (downloaded; T5's vocabulary is used with
-    GaLore's 32000 embedding rows, its 100 sentinel tokens never occurring in text)."""
-    import os
-
-    from plrd_jax.io.load import EMBEDDED, embedded_path
-    from plrd_jax.io.tokenizer import Tokenizer
-
-    if spec in EMBEDDED:
-        from plrd_jax.io.gguf import open_gguf
-
-        tokenizer = Tokenizer.from_gguf(open_gguf(embedded_path(spec)))
-    elif os.path.exists(spec):
-        tokenizer = Tokenizer.from_hf(spec)
-    else:
-        from tokenizers import Tokenizer as Backend
-
-        try:
-            backend = Backend.from_pretrained(spec)
-        except Exception as err:  # the hub is unreachable or the name unknown
-            raise PretrainError(f"tokenizer {spec!r} is neither {', '.join(EMBEDDED)}, a local path, nor a "
-                                f"reachable Hugging Face hub name ({type(err).__name__})") from None
-        tokenizer = Tokenizer(backend, None, backend.token_to_id("</s>"))
-    vocab = 32000 if spec.split("/")[-1].startswith("t5-") else tokenizer.vocab_size
-    return tokenizer, vocab
-
-
-class WindowBatches:
-    """Batches of packed windows [N, T] held in memory: batch k is `data.batch_at(windows, k, B, seed)`."""
-
-    def __init__(self, windows: np.ndarray, spec: dict | None = None, seed: int = 0):
-        self.windows, self.seed = np.asarray(windows, np.int32), seed
-        self.spec = {**(spec or {}), "order_seed": seed}
-
-    @property
-    def seq_len(self) -> int:
-        return self.windows.shape[1]
-
-    def batches(self, batch_size: int, start_step: int = 0, state=None) -> Iterator[tuple[np.ndarray, Any]]:
-        for step in itertools.count(start_step):
-            yield batch_at(self.windows, step, batch_size, self.seed), None
-
-
-class StreamedBatches:
-    """Batches from a streamed source (e.g. `tfds:c4/en`): chunk c is documents [c·D, (c+1)·D) in file order,
-    packed into windows (EOS between documents, the tail shorter than a window dropped) and permuted by
-    rng([seed, c]). The position after a batch, (chunk, window in chunk), comes with it; pass it back as
-    `state` to resume (skipped documents are read, not tokenized)."""
-
-    def __init__(self, source: str, tokenizer, seq_len: int, data_dir=None, seed: int = 42,
-                 chunk_documents: int = 4096, text_field: str = "text"):
-        self.source, self.tokenizer, self.seq_len, self.data_dir = source, tokenizer, seq_len, data_dir
-        self.seed, self.chunk_documents, self.text_field = seed, chunk_documents, text_field
-        self.spec = {"source": source, "seq_len": seq_len, "order_seed": seed, "chunk_documents": chunk_documents,
-                     "streamed": True}
-
-    def _chunks(self, first_chunk: int) -> Iterator[np.ndarray]:
-        docs = iter(load_documents(self.source, self.data_dir, self.text_field))
-        for _ in itertools.islice(docs, first_chunk * self.chunk_documents):
-            pass
-        for c in itertools.count(first_chunk):
-            chunk = list(itertools.islice(docs, self.chunk_documents))
-            if not chunk:
-                return
-            rows = list(stream_windows(chunk, self.tokenizer, self.seq_len))
-            if rows:
-                yield np.stack(rows)[np.random.default_rng([self.seed, c]).permutation(len(rows))]
-            else:
-                yield np.zeros((0, self.seq_len), np.int32)
-
-    def batches(self, batch_size: int, start_step: int = 0, state=None) -> Iterator[tuple[np.ndarray, Any]]:
-        if start_step and state is None:
-            raise PretrainError("resuming a streamed source needs the saved stream position (state)")
-        chunk, offset = (0, 0) if state is None else (int(state[0]), int(state[1]))
-        pending: list[np.ndarray] = []
-        for windows in self._chunks(chunk):
-            windows = windows[offset:]
-            while len(windows):
-                take = batch_size - sum(len(p) for p in pending)
-                pending.append(windows[:take])
-                windows, offset = windows[take:], offset + min(take, len(windows))
-                if sum(len(p) for p in pending) == batch_size:
-                    yield np.concatenate(pending), [chunk, offset]
-                    pending = []
-            chunk, offset = chunk + 1, 0
-        raise PretrainError(f"source {self.source!r} ran out of documents")
-
-
-# ---- memory -------------------------------------------------------------------------------------
-def compiler_options(config: ModelConfig) -> dict | None:
-    """XLA options that keep `config.remat` effective. XLA:CPU turns the optimization barriers of
-    `jax.checkpoint` into plain values (its cse_barrier_expander pass) and then CSE merges the recomputation back
-    into the forward pass, which silently undoes remat; on CPU that pass is switched off when remat is on."""
-    if config.remat != "none" and jax.default_backend() == "cpu":
-        return {"xla_disable_hlo_passes": "cse_barrier_expander"}
-    return None
-
-
-def memory_stats(compiled) -> dict[str, int]:
-    """Bytes from XLA's memory analysis of a compiled function: arguments, outputs, aliased (donated), temporaries,
-    and peak = arguments + outputs + temporaries − aliased (what the device holds while it runs)."""
-    m = compiled.memory_analysis()
-    stats = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
-             "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes}
-    stats["peak"] = stats["argument"] + stats["output"] + stats["temp"] - stats["alias"]
-    return stats
-
-
-def compile_train_step(config: ModelConfig, heal: HealConfig, micro_batch: int, seq_len: int,
-                       mesh=None, shardings=None, state=None):
-    """(compiled step, memory_stats) of `make_heal_step` for tokens (grad_accum, micro_batch, seq_len); the
-    state is abstract unless given."""
-    mesh = make_mesh() if mesh is None else mesh
-    if shardings is None:
-        shardings = param_shardings(abstract_params(config), mesh)
-    step_fn = make_heal_step(config, heal, mesh, shardings)
-    if state is None:
-        params = abstract_params(config, shardings)
-        state = jax.eval_shape(lambda p: init_train_state(p, heal, mesh, shardings), params)
-    tokens = jax.ShapeDtypeStruct((heal.grad_accum, micro_batch, seq_len), jnp.int32)
-    compiled = step_fn.lower(state, tokens, None).compile(compiler_options=compiler_options(config))
-    return compiled, memory_stats(compiled)
-
-
 # ---- the run ------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class PretrainResult:
@@ -380,71 +256,67 @@ def pretrain(config: ModelConfig, rcp: Recipe, data, eval_windows: np.ndarray, s
         raise PretrainError(f"batch_size {rcp.batch_size} is not a multiple of grad_accum {grad_accum}")
     if data.seq_len != rcp.seq_len:
         raise PretrainError(f"data windows are {data.seq_len} tokens, the recipe wants {rcp.seq_len}")
-    micro = rcp.batch_size // grad_accum
-    heal = rcp.heal_config(grad_accum)
-    mesh = make_mesh(mesh_shape)
+    micro, heal, mesh = rcp.batch_size // grad_accum, rcp.heal_config(grad_accum), make_mesh(mesh_shape)
     run_id = run_fingerprint(config, rcp, data.spec, seed)
     base_meta = {"member": 0, "name": rcp.method, "method": rcp.method, "run": run_id, "recipe": rcp.to_dict(),
                  "config": config.to_dict(), "data": data.spec, "seed": seed}
     last = stop_after if stop_after is not None else rcp.steps
-
     shardings = param_shardings(abstract_params(config), mesh)
+    layout = state_layout(abstract_params(config), make_optimizer(heal), mesh, shardings)
     saved = store.steps() if store is not None else []
+    resume, done, data_state, history, evals, wall = None, 0, None, [], [], 0.0
     if saved:
         meta = store.metadata(saved[-1])
         if meta.get("run") != run_id:
             raise StoreError(f"{store.directory} holds checkpoints of another run (config, recipe, data or seed "
                              "differ); choose a new output directory")
-        params, _ = store.restore(saved[-1], abstract_params(config, shardings))
-        state = init_train_state(params, heal, mesh, shardings)
-        abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-        _, opt_state = store.restore(saved[-1], abstract(state.params), abstract(state.opt_state))
-        state = state.replace(step=state.step + meta["step"], opt_state=opt_state)
-        done, data_state = meta["step"], meta.get("data_state")
+        resume, done, data_state = saved[-1], meta["step"], meta.get("data_state")
         history, evals, wall = meta["history"], meta["evals"], meta["wall_s"]
-    else:
-        state = init_train_state(init_params(config, seed), heal, mesh, shardings)
-        done, data_state, history, evals, wall = 0, None, [], [], 0.0
-
-    compiled, memory = compile_train_step(config, heal, micro, rcp.seq_len, mesh, shardings, state)
+    compiled, memory = compile_train_step(config, heal, micro, rcp.seq_len, mesh, shardings, layout)
     on_event("compiled", {"memory": memory, "resume_step": done})
+    batches = data.batches(rcp.batch_size, done, data_state)
 
-    def evaluate(step):
+    def batch_at(t):
+        nonlocal data_state
+        batch, data_state = next(batches)
+        return batch.reshape(grad_accum, micro, rcp.seq_len)
+
+    def evaluate(state, step):
         r = perplexity(config, state.params, eval_windows, batch_size=eval_batch_size)
         evals.append({"step": step, "tokens": step * rcp.tokens_per_step, "nll": r.nll, "ppl": r.ppl})
         on_event("eval", evals[-1])
 
-    def save(step, final):
-        if store is None:
-            return
-        meta = {**base_meta, "step": step, "final": final, "tokens": step * rcp.tokens_per_step,
-                "data_state": data_state, "history": history, "evals": evals, "wall_s": wall,
-                "params": count_trainable(state.params)}
-        store.save(step, state.params, meta, opt_state=None if final else state.opt_state)
-        on_event("saved", {"step": step, "final": final})
+    def after_step(step, state, metrics):
+        nonlocal wall
+        wall += metrics["seconds"]
+        history.append({"step": step, "tokens": step * rcp.tokens_per_step, "loss": metrics["loss"],
+                        "grad_norm": metrics["grad_norm"], "lr": metrics["lr"], "seconds": metrics["seconds"]})
+        on_event("step", history[-1])
+        if not math.isfinite(metrics["loss"]):
+            raise PretrainError(f"loss became {metrics['loss']} at step {step}; lower the learning rate")
+        if eval_every and step % eval_every == 0 and step < rcp.steps:
+            evaluate(state, step)
 
-    if done < last:
-        batches = data.batches(rcp.batch_size, done, data_state)
-        for step in range(done + 1, last + 1):
-            batch, data_state = next(batches)
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, batch.reshape(grad_accum, micro, rcp.seq_len), None)
-            metrics = {k: float(v) for k, v in metrics.items()}
-            seconds = time.perf_counter() - t0
-            wall += seconds
-            history.append({"step": step, "tokens": step * rcp.tokens_per_step, "loss": metrics["loss"],
-                            "grad_norm": metrics["grad_norm"], "lr": metrics["lr"], "seconds": seconds})
-            on_event("step", history[-1])
-            if not math.isfinite(metrics["loss"]):
-                raise PretrainError(f"loss became {metrics['loss']} at step {step}; lower the learning rate")
-            if eval_every and step % eval_every == 0 and step < rcp.steps:
-                evaluate(step)
-            if save_every and step % save_every == 0 and step < last:
-                save(step, final=False)
-    if not evals or evals[-1]["step"] != last:
-        evaluate(last)
-    if done < last or not saved:
-        save(last, final=last >= rcp.steps)
+    def checkpoint_meta(step, _run=None, final=False):
+        if store is not None:
+            on_event("saved", {"step": step, "final": final})
+        return {**base_meta, "step": step, "final": final, "tokens": step * rcp.tokens_per_step,
+                "data_state": data_state, "history": history, "evals": evals, "wall_s": wall,
+                "params": count_trainable(layout.params)}
+
+    if done >= last:  # finished before: the model alone (a final checkpoint holds no optimizer state)
+        params, _ = store.restore(resume, layout.params)
+        init, resume = (lambda: TrainState(jnp.asarray(done, jnp.int32), params, None)), None
+    else:
+        init = lambda: init_train_state(init_params(config, seed), heal, mesh, shardings)  # noqa: E731
+    run = run_stage(compiled, steps=last if done < last else 0, batch_at=batch_at, store=store, resume=resume,
+                    save_every=save_every, init=init, layout=layout, after_step=after_step,
+                    checkpoint_meta=checkpoint_meta,
+                    evaluate=lambda state: None if evals and evals[-1]["step"] == last else evaluate(state, last))
+    state = run.state
+    if store is not None and (done < last or not saved):
+        final = last >= rcp.steps
+        store.save(last, state.params, checkpoint_meta(last, final=final), opt_state=None if final else state.opt_state)
     timed = history[1:]  # the first step of a run also pays for warming up the executable
     tokens_per_s = len(timed) * rcp.tokens_per_step / sum(h["seconds"] for h in timed) if timed else 0.0
     result = PretrainResult(rcp.method, count_trainable(state.params), last, last * rcp.tokens_per_step, wall,

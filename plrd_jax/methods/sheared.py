@@ -2,21 +2,12 @@
 
 Each member is cut straight from the parent:
 
-  1. Pruning, P steps. With masks z sampled once per step from log α (plrd_jax/masks.py) and applied in the
-     decoder, the loss is
-         CE(model, z) + Σ_m mean_rows[ λ1_m (ŝ_m − t_m) + λ2_m (ŝ_m − t_m)² ]
-     over the mask types m ∈ {layer, head, int, hidden}: ŝ_m the expected sparsity 1 − mean P(z > 0) of each
-     row (one per layer for heads and intermediate dims), t_m the target's sparsity, ramped linearly from 0 over
-     the first `ramp_fraction` of the steps. For a GQA parent one more term, "kv_groups", does the same for
-     how full the kv groups are (`masks.group_fill`: min(1, expected heads / target heads per group)), so
-     that the heads kept come in whole groups of the target's size. `optax.multi_transform` trains three groups on one warmup + cosine
-     shape: the model with the healing optimizer (AdamW lr 1e-4, clip 1.0), log α with Adam (lr 1.0) and the
-     multipliers λ with Adam at lr −1.0, i.e. gradient *ascent*. log α is clamped to [log 0.01, log 100] after
-     every step. Clipping covers the model's gradient only (Adam is scale-free for log α and λ anyway).
+  1. Pruning, P steps: hard-concrete masks learned against a Lagrangian on the target shape
+     (plrd_jax/methods/l0_pruning.py has the loss, the optimizer and the step).
   2. The final masks `masks.deterministic(log α, target)` are folded by `transforms.prune.prune` into a dense
      model of exactly the target shape.
   3. Continued training, C steps, with the healing step of plrd_jax.training.step.
-Both phases read batches by dynamic batch loading (plrd_jax/dynamic_loading.py): every `update_every` steps of
+Both phases read batches by dynamic batch loading (plrd_jax/data/dynamic_loading.py): every `update_every` steps of
 pruning (`continue_update_every` of continued training) the domain weights follow the per-domain validation
 losses (during pruning: of the current model, `masks.deterministic` without a target) against the reference
 losses (given, or the parent's own).
@@ -35,232 +26,30 @@ as NAME=SOURCE on the command line).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import Mesh
 
 import plrd_jax.data.dynamic_loading as dl
 import plrd_jax.nn.masks as M
-from plrd_jax.nn.config import ModelConfig
-from plrd_jax.evaluation.perplexity import perplexity
+from plrd_jax.evaluation.perplexity import evaluate_corpora, perplexity
+from plrd_jax.io.store import FamilyStore, StoreError
+from plrd_jax.methods.l0_pruning import (L0Config, init_prune_state, make_prune_step, masked_apply_fn,
+                                         prune_state_layout)
 from plrd_jax.methods.plrd import fingerprint
-from plrd_jax.nn.model import Decoder, count_params
-from plrd_jax.nn.sharding import RULES, batch_sharding, make_mesh, param_shardings, replicated, shard_activations
-from plrd_jax.io.store import FamilyStore, StoreError, abstract_params
-from plrd_jax.training.step import (HealConfig, TrainState, init_train_state, learning_rate_schedule, make_heal_step,
-                            make_optimizer, next_token_loss, train_state_shardings, trainable)
+from plrd_jax.nn.accounting import count_params
+from plrd_jax.nn.config import ModelConfig
+from plrd_jax.nn.model import abstract_params
+from plrd_jax.nn.sharding import make_mesh, param_shardings
+from plrd_jax.training.loop import run_stage, state_layout
+from plrd_jax.training.optim import HealConfig, make_optimizer
+from plrd_jax.training.state import init_train_state
+from plrd_jax.training.step import make_heal_step
 from plrd_jax.transforms.prune import prune
 
-LAGRANGIAN_TERMS = M.MASK_NAMES + ("kv_groups",)  # one (λ1, λ2) each; kv_groups stays unused for MHA
 STEP_BASE = 1_000_000_000  # Sheared step ids start here, far above any PLRD stage block
 MEMBER_BASE = 100  # Sheared member indices: 100, 101, …
-
-
-# ---- the pruning phase: Lagrangian, optimizer, step ------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class L0Config:
-    """The mask side of the pruning phase (the model side is a HealConfig)."""
-
-    log_alpha_lr: float = 1.0
-    lambda_lr: float = 1.0  # applied as gradient ascent (an optax learning rate of −lambda_lr)
-    ramp_fraction: float = 0.2  # target sparsity ramps 0 → t over this fraction of the pruning steps
-    temperature: float = M.TEMPERATURE
-    log_alpha_init: float = 5.0
-    log_alpha_init_std: float = 0.01
-
-    def __post_init__(self):
-        if self.log_alpha_lr <= 0 or self.lambda_lr <= 0:
-            raise ValueError(f"log_alpha_lr {self.log_alpha_lr} and lambda_lr {self.lambda_lr} must be positive")
-        if not 0 <= self.ramp_fraction <= 1:
-            raise ValueError(f"ramp_fraction {self.ramp_fraction} must lie in [0, 1]")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature {self.temperature} must be positive")
-
-
-def ramped_targets(final: Mapping[str, float], step, ramp_steps: int) -> dict[str, jax.Array]:
-    """t_m · min(1, step / ramp_steps) for each mask type (the full target at once when ramp_steps is 0)."""
-    frac = jnp.minimum(1.0, step / ramp_steps) if ramp_steps > 0 else 1.0
-    return {name: jnp.asarray(t * frac, jnp.float32) for name, t in final.items()}
-
-
-def lagrangian(log_alpha: M.Masks, lambdas: dict[str, jax.Array], targets: Mapping[str, jax.Array],
-               temperature: float = M.TEMPERATURE, groups: tuple[int, int] | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Σ_m mean_rows[λ1_m (ŝ_m − t_m) + λ2_m (ŝ_m − t_m)²] over the terms in `targets`, λ_m = lambdas[m] =
-    (λ1, λ2); also returns ŝ_m (mean over rows). Term "kv_groups" (GQA; groups = (parent's kv heads, target's
-    query heads per group)): ŝ = 1 − mean of `masks.group_fill` per layer."""
-    probs = M.prob_nonzero(log_alpha, temperature)
-    sparsity = M.expected_sparsity(probs)
-    if "kv_groups" in targets:
-        sparsity["kv_groups"] = 1.0 - jnp.mean(M.group_fill(probs["z_head"], *groups), axis=-1)
-    total = jnp.zeros((), jnp.float32)
-    for name, t in targets.items():
-        gap = sparsity[name] - t
-        total = total + jnp.mean(lambdas[name][0] * gap + lambdas[name][1] * gap ** 2)
-    return total, {name: jnp.mean(sparsity[name]) for name in targets}
-
-
-def lagrangian_targets(target: M.TargetShape, config: ModelConfig) -> dict[str, float]:
-    """Final target sparsity of each Lagrangian term: every mask type, and "kv_groups" for a GQA parent."""
-    out = M.target_sparsity(target, config)
-    if config.num_kv_heads != config.num_heads:
-        out["kv_groups"] = 1.0 - target.num_kv_heads / config.num_kv_heads
-    return out
-
-
-def make_prune_optimizer(heal_config: HealConfig, l0: L0Config) -> optax.GradientTransformation:
-    """multi_transform: "model" the healing optimizer, "log_alpha" Adam(l0.log_alpha_lr), "lambdas"
-    Adam(−l0.lambda_lr) (ascent); each on the healing run's warmup + cosine shape."""
-    h = heal_config
-
-    def adam(lr):
-        return optax.adam(learning_rate_schedule(h.replace(lr=lr)), h.b1, h.b2, h.eps)
-    return optax.multi_transform(
-        {"model": make_optimizer(h), "log_alpha": adam(l0.log_alpha_lr), "lambdas": adam(-l0.lambda_lr)},
-        {"model": "model", "log_alpha": "log_alpha", "lambdas": "lambdas"})
-
-
-def init_prune_params(params, config: ModelConfig, l0: L0Config, seed: int = 0) -> dict:
-    """{"model": params, "log_alpha": N(init, std²) per mask, "lambdas": zeros (λ1, λ2) per mask type}."""
-    log_alpha = M.init_log_alpha(jax.random.key(seed), config, l0.log_alpha_init, l0.log_alpha_init_std)
-    return {"model": params, "log_alpha": log_alpha,
-            "lambdas": {name: jnp.zeros((2,), jnp.float32) for name in LAGRANGIAN_TERMS}}
-
-
-def prune_shardings(model_shardings, mesh: Mesh) -> dict:
-    """Shardings of the pruning params: the model's, and log α and λ replicated."""
-    rep = replicated(mesh)
-    return {"model": model_shardings, "log_alpha": {name: rep for name in M.MASK_NAMES},
-            "lambdas": {name: rep for name in LAGRANGIAN_TERMS}}
-
-
-def init_prune_state(params, config: ModelConfig, heal_config: HealConfig, l0: L0Config, mesh: Mesh,
-                     model_shardings=None, seed: int = 0, rules=RULES) -> TrainState:
-    """A fresh pruning TrainState (step 0) whose params are `init_prune_params`, on their shardings."""
-    optimizer = make_prune_optimizer(heal_config, l0)
-    if model_shardings is None:
-        model_shardings = param_shardings(params, mesh, rules)
-    _, state_shardings = prune_state_layout(config, heal_config, l0, mesh, model_shardings)
-    full = jax.device_put(init_prune_params(params, config, l0, seed), prune_shardings(model_shardings, mesh))
-    return jax.jit(lambda p: _new_state(p, optimizer), out_shardings=state_shardings)(full)
-
-
-def _trainable(full):
-    return {**full, "model": trainable(full["model"])}
-
-
-def _frozen(params):
-    return jax.tree.map(lambda x: None if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-
-
-def _merge(first, second):
-    """Leaf of `first`, or of `second` where `first` holds None."""
-    return jax.tree.map(lambda a, b: b if a is None else a, first, second, is_leaf=lambda x: x is None)
-
-
-def _new_state(params, optimizer) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(_trainable(params)))
-
-
-def prune_state_layout(config: ModelConfig, heal_config: HealConfig, l0: L0Config, mesh: Mesh, model_shardings):
-    """(abstract pruning TrainState, its shardings) for `config`'s params on `model_shardings`."""
-    optimizer = make_prune_optimizer(heal_config, l0)
-    abstract_model = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params(config))
-    abstract_full = jax.eval_shape(lambda p: init_prune_params(p, config, l0), abstract_model)
-    abstract_state = jax.eval_shape(lambda p: _new_state(p, optimizer), abstract_full)
-    return abstract_state, train_state_shardings(abstract_state, prune_shardings(model_shardings, mesh), mesh)
-
-
-def make_prune_step(config: ModelConfig, target: M.TargetShape, heal_config: HealConfig, l0: L0Config,
-                    mesh: Mesh, model_shardings, total_steps: int, seed: int = 0, rules=RULES) -> Callable:
-    """The jitted step `step(state, tokens) -> (state, metrics)` of the pruning phase.
-
-    tokens (grad_accum, B, T). One mask sample per step (key: fold_in(key(seed), step)), shared by every
-    micro-batch; its gradient reaches log α through the reparameterized sample. metrics (float32 scalars):
-    loss, ce, lagrangian, grad_norm (model, before clipping), lr (model), expected_size, target_size and per
-    mask type `sparsity/<m>`, `target/<m>`, `lambda1/<m>`, `lambda2/<m>`. The input state is donated.
-    """
-    h = heal_config
-    target = target.resolve(config)
-    final_targets = lagrangian_targets(target, config)
-    ramp_steps = int(round(l0.ramp_fraction * total_steps))
-    target_size = float(M.matrix_size(target.config(config)))
-    model = Decoder(config.replace(dtype=h.dtype))
-    optimizer, schedule = make_prune_optimizer(h, l0), learning_rate_schedule(h)
-    base_key = jax.random.key(seed)
-
-    _, state_shardings = prune_state_layout(config, h, l0, mesh, model_shardings)
-    micro_sharding = batch_sharding(mesh, rules=rules)
-
-    def micro_loss(train_model, frozen, masks, tokens):
-        with shard_activations(mesh, rules):
-            logits = model.apply({"params": _merge(train_model, frozen)}, tokens, masks=masks)
-        return next_token_loss(logits, tokens)
-
-    grad_fn = jax.value_and_grad(micro_loss, argnums=(0, 2))
-
-    def constrain(grads):
-        return jax.tree.map(lambda g, s: None if g is None else jax.lax.with_sharding_constraint(g, s),
-                            grads, model_shardings, is_leaf=lambda x: x is None)
-
-    def step(state: TrainState, tokens: jax.Array):
-        if tokens.ndim != 3 or tokens.shape[0] != h.grad_accum:
-            raise ValueError(f"tokens of shape {tokens.shape}: expected (grad_accum={h.grad_accum}, B, T)")
-        p = state.params
-        train_model, frozen = trainable(p["model"]), _frozen(p["model"])
-        key = jax.random.fold_in(base_key, state.step)
-        masks, masks_vjp = jax.vjp(lambda a: M.sample(a, key, l0.temperature), p["log_alpha"])
-
-        def accumulate(carry, micro_tokens):
-            g_model, g_masks, ce_sum = carry
-            micro_tokens = jax.lax.with_sharding_constraint(micro_tokens, micro_sharding)
-            ce, (gm, gz) = grad_fn(train_model, frozen, masks, micro_tokens)
-            g_model = constrain(jax.tree.map(jnp.add, g_model, gm))
-            return (g_model, jax.tree.map(jnp.add, g_masks, gz), ce_sum + ce), None
-
-        zeros = (constrain(jax.tree.map(jnp.zeros_like, train_model)), jax.tree.map(jnp.zeros_like, masks),
-                 jnp.zeros((), jnp.float32))
-        (g_model, g_masks, ce_sum), _ = jax.lax.scan(accumulate, zeros, tokens)
-        g_model = jax.tree.map(lambda g: g / h.grad_accum, g_model)
-        (g_alpha_ce,) = masks_vjp(jax.tree.map(lambda g: g / h.grad_accum, g_masks))
-        targets = ramped_targets(final_targets, state.step, ramp_steps)
-        (lag, sparsity), (g_alpha_lag, g_lambdas) = jax.value_and_grad(lagrangian, argnums=(0, 1), has_aux=True)(
-            p["log_alpha"], p["lambdas"], targets, l0.temperature,
-            (config.num_kv_heads, target.num_heads // target.num_kv_heads))
-        grads = {"model": g_model, "log_alpha": jax.tree.map(jnp.add, g_alpha_ce, g_alpha_lag),
-                 "lambdas": g_lambdas}
-        train = _trainable(p)
-        updates, opt_state = optimizer.update(grads, state.opt_state, train)
-        new = optax.apply_updates(train, updates)
-        new = {"model": _merge(new["model"], frozen), "log_alpha": M.clamp_log_alpha(new["log_alpha"]),
-               "lambdas": new["lambdas"]}
-        ce = ce_sum / h.grad_accum
-        metrics = {"loss": ce + lag, "ce": ce, "lagrangian": lag, "grad_norm": optax.tree.norm(g_model),
-                   "lr": jnp.asarray(schedule(state.step), jnp.float32),
-                   "expected_size": M.expected_size(M.prob_nonzero(p["log_alpha"], l0.temperature), config),
-                   "target_size": jnp.asarray(target_size, jnp.float32)}
-        for name in targets:
-            metrics.update({f"sparsity/{name}": sparsity[name], f"target/{name}": targets[name],
-                            f"lambda1/{name}": p["lambdas"][name][0], f"lambda2/{name}": p["lambdas"][name][1]})
-        return state.replace(step=state.step + 1, params=new, opt_state=opt_state), metrics
-
-    return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh, 1, rules)),
-                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
-
-
-@functools.lru_cache(maxsize=16)
-def masked_apply_fn(config: ModelConfig):
-    """(params {"model", "masks"}, tokens) -> logits of `config` run with the masks (for `perplexity`)."""
-
-    def apply(params, tokens):
-        return Decoder(config).apply({"params": params["model"]}, tokens, masks=params["masks"])
-    return apply
 
 
 # ---- schedules and presets ---------------------------------------------------------------------------
@@ -420,6 +209,9 @@ def run_shear(parent: str, parent_config: ModelConfig, parent_params, schedule: 
     prune_steps = [schedule.prune_steps(m) for m in schedule.members]
     continue_steps = [schedule.continue_steps(m) for m in schedule.members]
     starts = (STEP_BASE + np.cumsum([0] + [p + c + 1 for p, c in zip(prune_steps, continue_steps)])[:-1]).tolist()
+    run = _ShearRun(parent, parent_config, parent_params, parent_count, schedule, train_windows, validation,
+                    references, eval_windows, store, mesh, run_id, save_every, eval_batch_size, seed, data_spec,
+                    on_event)
     results = []
     for k, (member, target) in enumerate(zip(schedule.members, targets)):
         P, C, start = prune_steps[k], continue_steps[k], starts[k]
@@ -429,141 +221,166 @@ def run_shear(parent: str, parent_config: ModelConfig, parent_params, schedule: 
             results.append(ShearResult(**meta["result"]))
             on_event("member", {"result": results[-1], "restored": True})
             continue
-        results.append(_run_member(k, member, target, P, C, start, max((s for s in saved if start <= s < final),
-                                                                        default=None),
-                                   parent, parent_config, parent_params, schedule, train_windows, validation,
-                                   references, eval_windows, store, mesh, run_id, parent_count, save_every,
-                                   eval_batch_size, seed, data_spec, on_event))
+        results.append(_run_member(k, member, target, P, C, start,
+                                   max((s for s in saved if start <= s < final), default=None), run))
     return results
 
 
-def _run_member(k, member, target, P, C, start, resume, parent, parent_config, parent_params, schedule,
-                train_windows, validation, references, eval_windows, store, mesh, run_id, parent_count,
-                save_every, eval_batch_size, seed, data_spec, on_event) -> ShearResult:
+@dataclasses.dataclass
+class _ShearRun:
+    """What the members of one `run_shear` call share."""
+
+    parent: str
+    parent_config: ModelConfig
+    parent_params: Any
+    parent_count: int
+    schedule: ShearSchedule
+    train_windows: list
+    validation: list
+    references: tuple
+    eval_windows: dict
+    store: FamilyStore
+    mesh: Any
+    run_id: str
+    save_every: int
+    eval_batch_size: int
+    seed: int
+    data_spec: dict | None
+    on_event: Callable
+
+
+def _run_member(k, member, target, P, C, start, resume, run: _ShearRun) -> ShearResult:
+    """Member k: the pruning phase (steps start … start + P), the pruned model saved at start + P, continued
+    training (… start + P + C), each resumable from the newest checkpoint `resume`."""
     t0 = time.perf_counter()
-    index, names = MEMBER_BASE + k, list(schedule.domains.names)
-    prune_heal = _phase(schedule.prune, P, schedule.prune_warmup_fraction)
-    heal = _phase(schedule.heal, C, schedule.continue_warmup_fraction)
-    prune_batch, batch = schedule.batch_size, schedule.continue_batch_size or schedule.batch_size
-    T = schedule.seq_len
-    base_meta = {"member": index, "name": member.name, "method": "sheared", "run": run_id, "parent": parent,
-                 "schedule": schedule.to_dict(), "data": data_spec, "target": target.to_dict(),
-                 "reference_losses": list(references)}
-    meta = store.metadata(resume) if resume is not None else None
+    schedule, index = run.schedule, MEMBER_BASE + k
+    base_meta = {"member": index, "name": member.name, "method": "sheared", "run": run.run_id,
+                 "parent": run.parent, "schedule": schedule.to_dict(), "data": run.data_spec,
+                 "target": target.to_dict(), "reference_losses": list(run.references)}
+    meta = run.store.metadata(resume) if resume is not None else None
     elapsed = meta["wall_s"] if meta else 0.0
 
     def event(kind, **info):
-        on_event(kind, {"member": index, "name": member.name, **info})
+        run.on_event(kind, {"member": index, "name": member.name, **info})
 
-    def update_weights(loader, model, params, t):
-        losses = domain_losses(model, params, validation, eval_batch_size)
-        loader = dl.update(loader, schedule.domains, losses, t, references)
-        event("weights", step=t, losses=losses, weights=list(loader.weights), names=names)
-        return loader
+    def wall():
+        return elapsed + time.perf_counter() - t0
 
-    # ---- pruning phase ----
     if meta is None or meta["phase"] == "prune":
-        shardings = param_shardings(parent_params, mesh)
-        if meta is None:
-            loader = dl.init_state(schedule.domains, 0)
-            state = init_prune_state(parent_params, parent_config, prune_heal, schedule.l0, mesh, shardings, seed)
-            t_done = 0
-        else:
-            loader = dl.LoaderState.from_dict(meta["loader"])
-            layout, layout_shardings = prune_state_layout(parent_config, prune_heal, schedule.l0, mesh, shardings)
-            with_shardings = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), layout,
-                                          layout_shardings)
-            params, opt_state = store.restore(resume, with_shardings.params, with_shardings.opt_state)
-            t_done = resume - start
-            state = TrainState(step=jnp.asarray(t_done, jnp.int32), params=params, opt_state=opt_state)
-        event("stage", phase="prune", steps=P, resume_step=t_done if meta else None)
-        step_fn = make_prune_step(parent_config, target, prune_heal, schedule.l0, mesh, shardings, P, seed)
-        tokens_per_step = prune_batch * T * prune_heal.grad_accum
-        for t in range(t_done, P):
-            tokens, _, loader = dl.sample_batch(loader, train_windows, prune_batch * prune_heal.grad_accum,
-                                                start + t, seed)
-            ts = time.perf_counter()
-            state, metrics = step_fn(state, tokens.reshape(prune_heal.grad_accum, prune_batch, T))
-            metrics = {key: float(v) for key, v in metrics.items()}
-            event("step", phase="prune", step=t + 1, steps=P, tokens=tokens_per_step,
-                  seconds=time.perf_counter() - ts, **metrics)
-            if (t + 1) % schedule.domains.update_every == 0 and t + 1 < P:
-                current = M.deterministic(state.params["log_alpha"], parent_config,
-                                          temperature=schedule.l0.temperature)
-                loader = update_weights(loader, masked_apply_fn(parent_config),
-                                        {"model": state.params["model"], "masks": current}, t + 1)
-            if save_every and (t + 1) % save_every == 0 and t + 1 < P:
-                store.save(start + t + 1, state.params, {
-                    **base_meta, "phase": "prune", "step": start + t + 1, "final": False, "loader": loader.to_dict(),
-                    "wall_s": elapsed + time.perf_counter() - t0}, opt_state=state.opt_state)
-        final_masks = M.deterministic(state.params["log_alpha"], parent_config, target, schedule.l0.temperature)
-        params, config = prune(state.params["model"], parent_config, final_masks)
-        del state
-        ppl_before = _eval(config, params, eval_windows, eval_batch_size, event, "pruned")
-        shardings = param_shardings(params, mesh)
-        heal_state = init_train_state(params, heal, mesh, shardings)
-        c_done = 0
-        if C:  # the pruned model, so that a resume never prunes again
-            store.save(start + P, params, {**base_meta, "phase": "continue", "step": start + P, "final": False,
-                                            "config": config.to_dict(), "loader": loader.to_dict(),
-                                            "ppl_before": ppl_before, "wall_s": elapsed + time.perf_counter() - t0})
+        config, params, loader, ppl_before = _prune_phase(member, target, P, start, resume, meta, base_meta, run,
+                                                          event, wall)
+        resume = None
     else:
-        config = ModelConfig.from_dict(meta["config"])
-        shardings = param_shardings(abstract_params(config), mesh)
-        params, _ = store.restore(resume, abstract_params(config, shardings))
-        heal_state = init_train_state(params, heal, mesh, shardings)
-        c_done = resume - start - P
-        if c_done:
-            _, opt_state = store.restore(resume, _abstract(heal_state.params), _abstract(heal_state.opt_state))
-            heal_state = heal_state.replace(step=heal_state.step + c_done, opt_state=opt_state)
+        config, params = ModelConfig.from_dict(meta["config"]), None
         loader, ppl_before = dl.LoaderState.from_dict(meta["loader"]), meta["ppl_before"]
+        if resume == start + P:  # only the pruned model: continued training starts fresh from it
+            params, _ = run.store.restore(resume, abstract_params(config))
+            resume = None
+    return _continue_phase(index, member, config, params, loader, ppl_before, P, C, start, resume, base_meta, run,
+                           event, wall)
 
-    # ---- continued training ----
+
+def _update_weights(loader, model, params, t, run: _ShearRun, event):
+    """Dynamic batch loading: new domain weights from the per-domain validation losses of `model`."""
+    losses = domain_losses(model, params, run.validation, run.eval_batch_size)
+    loader = dl.update(loader, run.schedule.domains, losses, t, run.references)
+    event("weights", step=t, losses=losses, weights=list(loader.weights), names=list(run.schedule.domains.names))
+    return loader
+
+
+def _prune_phase(member, target, P, start, resume, meta, base_meta, run: _ShearRun, event, wall):
+    """Learn the masks for P steps, fold them into a dense pruned model, evaluate it and save it at start + P
+    (so that a resume never prunes again). Returns (config, params, loader, ppl_before)."""
+    schedule, mesh, T = run.schedule, run.mesh, run.schedule.seq_len
+    heal = _phase(schedule.prune, P, schedule.prune_warmup_fraction)
+    batch = schedule.batch_size
+    shardings = param_shardings(run.parent_params, mesh)
+    loader = dl.init_state(schedule.domains, 0) if meta is None else dl.LoaderState.from_dict(meta["loader"])
+
+    def batch_at(t):
+        nonlocal loader
+        tokens, _, loader = dl.sample_batch(loader, run.train_windows, batch * heal.grad_accum, start + t, run.seed)
+        return tokens.reshape(heal.grad_accum, batch, T)
+
+    def after_step(t, state, metrics):
+        nonlocal loader
+        if t % schedule.domains.update_every == 0 and t < P:
+            current = M.deterministic(state.params["log_alpha"], run.parent_config,
+                                      temperature=schedule.l0.temperature)
+            loader = _update_weights(loader, masked_apply_fn(run.parent_config),
+                                     {"model": state.params["model"], "masks": current}, t, run, event)
+
+    event("stage", phase="prune", steps=P, resume_step=None if meta is None else resume - start)
+    stage = run_stage(
+        make_prune_step(run.parent_config, target, heal, schedule.l0, mesh, shardings, P, run.seed), steps=P,
+        batch_at=batch_at, init=lambda: init_prune_state(run.parent_params, run.parent_config, heal, schedule.l0,
+                                                         mesh, shardings, run.seed),
+        layout=prune_state_layout(run.parent_config, heal, schedule.l0, mesh, shardings), store=run.store,
+        start=start, resume=resume, save_every=run.save_every, after_step=after_step, on_event=lambda kind, info: event(kind, **info),
+        info={"phase": "prune", "tokens": batch * T * heal.grad_accum},
+        checkpoint_meta=lambda t, _: {**base_meta, "phase": "prune", "step": start + t, "final": False,
+                                      "loader": loader.to_dict(), "wall_s": wall()})
+    state = stage.state
+    final_masks = M.deterministic(state.params["log_alpha"], run.parent_config, target, schedule.l0.temperature)
+    params, config = prune(state.params["model"], run.parent_config, final_masks)
+    del state, stage
+    ppl_before = _eval(config, params, run.eval_windows, run.eval_batch_size, event, "pruned")
+    if schedule.continue_steps(member):
+        run.store.save(start + P, params, {**base_meta, "phase": "continue", "step": start + P, "final": False,
+                                           "config": config.to_dict(), "loader": loader.to_dict(),
+                                           "ppl_before": ppl_before, "wall_s": wall()})
+    return config, params, loader, ppl_before
+
+
+def _continue_phase(index, member, config, params, loader, ppl_before, P, C, start, resume, base_meta,
+                    run: _ShearRun, event, wall) -> ShearResult:
+    """Continued training of the pruned model for C steps (resumable), then its evaluation and final save."""
+    schedule, mesh, T = run.schedule, run.mesh, run.schedule.seq_len
+    heal = _phase(schedule.heal, C, schedule.continue_warmup_fraction)
+    prune_heal = _phase(schedule.prune, P, schedule.prune_warmup_fraction)
+    batch = schedule.continue_batch_size or schedule.batch_size
+    shardings = param_shardings(abstract_params(config), mesh)
     cont_meta = {**base_meta, "config": config.to_dict(), "ppl_before": ppl_before}
-    if C > c_done:
-        event("stage", phase="continue", steps=C, resume_step=c_done or None)
-        step_fn = make_heal_step(config, heal, mesh, shardings)
-        tokens_per_step = batch * T * heal.grad_accum
-        for t in range(c_done, C):
-            tokens, _, loader = dl.sample_batch(loader, train_windows, batch * heal.grad_accum, start + P + t, seed)
-            ts = time.perf_counter()
-            heal_state, metrics = step_fn(heal_state, tokens.reshape(heal.grad_accum, batch, T), None)
-            metrics = {key: float(v) for key, v in metrics.items()}
-            event("step", phase="continue", step=t + 1, steps=C, tokens=tokens_per_step,
-                  seconds=time.perf_counter() - ts, **metrics)
-            if (t + 1) % schedule.continue_update_every == 0 and t + 1 < C:
-                loader = update_weights(loader, config, heal_state.params, P + t + 1)
-            if save_every and (t + 1) % save_every == 0 and t + 1 < C:
-                store.save(start + P + t + 1, heal_state.params, {
-                    **cont_meta, "phase": "continue", "step": start + P + t + 1, "final": False,
-                    "loader": loader.to_dict(), "wall_s": elapsed + time.perf_counter() - t0},
-                    opt_state=heal_state.opt_state)
-    params = heal_state.params
-    ppl_after = _eval(config, params, eval_windows, eval_batch_size, event, "after") if C else ppl_before
+
+    def batch_at(t):
+        nonlocal loader
+        tokens, _, loader = dl.sample_batch(loader, run.train_windows, batch * heal.grad_accum, start + P + t,
+                                            run.seed)
+        return tokens.reshape(heal.grad_accum, batch, T)
+
+    def after_step(t, state, metrics):
+        nonlocal loader
+        if t % schedule.continue_update_every == 0 and t < C:
+            loader = _update_weights(loader, config, state.params, P + t, run, event)
+
+    if C:
+        event("stage", phase="continue", steps=C, resume_step=None if resume is None else resume - start - P)
+    stage = run_stage(
+        make_heal_step(config, heal, mesh, shardings) if C else None, steps=C, batch_at=batch_at,
+        init=lambda: init_train_state(params, heal, mesh, shardings),
+        layout=state_layout(abstract_params(config), make_optimizer(heal), mesh, shardings), store=run.store,
+        start=start + P, resume=resume, save_every=run.save_every, after_step=after_step, on_event=lambda kind, info: event(kind, **info),
+        info={"phase": "continue", "tokens": batch * T * heal.grad_accum},
+        checkpoint_meta=lambda t, _: {**cont_meta, "phase": "continue", "step": start + P + t, "final": False,
+                                      "loader": loader.to_dict(), "wall_s": wall()},
+        evaluate=lambda state: _eval(config, state.params, run.eval_windows, run.eval_batch_size, event, "after")
+        if C else ppl_before)
+    params, ppl_after = stage.state.params, stage.evaluation
     count = count_params(params)
     shape = {key: getattr(config, key) for key in ("num_layers", "hidden_size", "num_heads", "num_kv_heads",
                                                    "intermediate_size")}
-    prune_tokens = P * prune_batch * T * prune_heal.grad_accum
+    prune_tokens = P * schedule.batch_size * T * prune_heal.grad_accum
     continue_tokens = C * batch * T * heal.grad_accum
-    result = ShearResult(index, member.name, count, count / parent_count, ppl_before, ppl_after,
-                         prune_tokens + continue_tokens, elapsed + time.perf_counter() - t0, shape, prune_tokens,
-                         continue_tokens, [[s, list(w)] for s, w in loader.history])
-    store.save(start + P + C, params, {**cont_meta, "phase": "final", "step": start + P + C, "final": True,
-                                       "params": count, "compression": count / parent_count,
-                                       "tokens": result.tokens, "wall_s": result.wall_s, "ppl_after": ppl_after,
-                                       "loader": loader.to_dict(), "result": dataclasses.asdict(result)})
-    on_event("member", {"result": result, "restored": False})
+    result = ShearResult(index, member.name, count, count / run.parent_count, ppl_before, ppl_after,
+                         prune_tokens + continue_tokens, wall(), shape, prune_tokens, continue_tokens,
+                         [[s, list(w)] for s, w in loader.history])
+    run.store.save(start + P + C, params, {**cont_meta, "phase": "final", "step": start + P + C, "final": True,
+                                           "params": count, "compression": count / run.parent_count,
+                                           "tokens": result.tokens, "wall_s": result.wall_s, "ppl_after": ppl_after,
+                                           "loader": loader.to_dict(), "result": dataclasses.asdict(result)})
+    run.on_event("member", {"result": result, "restored": False})
     return result
 
 
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
 def _eval(config, params, eval_sets, batch_size, event, when) -> dict[str, float]:
-    out = {}
-    for name, windows in eval_sets.items():
-        result = perplexity(config, params, windows, batch_size=batch_size)
-        event("eval", when=when, corpus=name, **result.to_dict())
-        out[name] = result.ppl
-    return out
+    return evaluate_corpora(config, params, eval_sets, batch_size, lambda **info: event("eval", when=when, **info))

@@ -269,5 +269,11 @@ def init_params(config: ModelConfig, seed: int = 0) -> dict:
     return variables["params"]
 
 
-def count_params(params) -> int:
-    return sum(x.size for x in jax.tree.leaves(params))
+
+def abstract_params(config: ModelConfig, shardings=None):
+    """ShapeDtypeStructs of `config`'s params (no arrays are allocated), optionally with shardings (a matching
+    pytree; default: the first device): the target of a restore and the input of an ahead-of-time lowering."""
+    shapes = jax.eval_shape(lambda: init_params(config))
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), shapes)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

@@ -33,7 +33,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from plrd_jax.nn.model import count_params
+from plrd_jax.nn.accounting import count_params
 from plrd_jax.transforms.decompositions import (Decomposition, Spectrum, as_decomposition, check_stats, decompose,
                                                 decompose_factors, describe_scaling, output_errors)
 from plrd_jax.transforms.factorize import reduce_rank

@@ -32,7 +32,7 @@ from plrd_jax.nn.config import ModelConfig
 from plrd_jax.nn.linears import Linear
 from plrd_jax.nn.model import Decoder
 from plrd_jax.nn.sharding import RULES, batch_sharding, logical_axes, make_mesh, param_shardings, partition_spec
-from plrd_jax.training.step import next_token_loss
+from plrd_jax.training.losses import next_token_loss
 
 
 class MatrixStats(NamedTuple):

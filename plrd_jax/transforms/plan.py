@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plrd_jax.nn.model import count_params
+from plrd_jax.nn.accounting import count_params
 from plrd_jax.transforms.decompositions import Decomposition, as_decomposition
 
 # Group name -> regex over paths. Our decoder's names; any other tree uses globs or "re:" patterns.
