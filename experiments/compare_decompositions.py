@@ -259,10 +259,9 @@ def main():
 
     # ---- healing ----
     if not args.no_heal:
-        from plrd_jax.nn.sharding import make_mesh, param_shardings
+        from plrd_jax.nn.sharding import make_mesh
+        from plrd_jax.training.loop import heal as heal_params
         from plrd_jax.training.optim import HealConfig
-        from plrd_jax.training.state import init_train_state
-        from plrd_jax.training.step import make_heal_step
 
         heal_data = load_dataset("wikitext2-heal", tokenizer, HEAL_SEQ)
         heal = HealConfig(lr=2e-4, warmup_steps=min(4, args.heal_steps), total_steps=args.heal_steps, b1=0.9,
@@ -279,17 +278,12 @@ def main():
                 t = time.perf_counter()
                 member, member_config = factorize(params, members[f"{dec}/{alloc}/{x}"]["ranks"], config,
                                                   stats=stats, decomposition=dec)
-                shardings = param_shardings(member, mesh)
-                state = init_train_state(member, heal, mesh, shardings)
-                step = make_heal_step(member_config, heal, mesh, shardings)
-                losses = []
-                for k in range(args.heal_steps):
-                    batch = heal_data.batch_at(k, HEAL_BATCH)[None]
-                    state, metrics = step(state, jnp.asarray(batch), None)
-                    losses.append(float(metrics["loss"]))
-                value = ppl(state.params, member_config)
+                healed_params, history = heal_params(member_config, member, heal, lambda k: heal_data.batch_at(
+                    k, HEAL_BATCH)[None], steps=args.heal_steps, mesh=mesh)
+                losses = [m["loss"] for m in history]
+                value = ppl(healed_params, member_config)
                 healed[key] = {"decomposition": dec, "allocation": alloc, "reduction": x,
-                               "params": count_params(state.params), "ppl_before": members[f"{dec}/{alloc}/{x}"]["ppl"],
+                               "params": count_params(healed_params), "ppl_before": members[f"{dec}/{alloc}/{x}"]["ppl"],
                                "ppl_after": value, "steps": args.heal_steps,
                                "tokens": args.heal_steps * HEAL_BATCH * HEAL_SEQ, "losses": losses,
                                "seconds": round(time.perf_counter() - t, 1)}
@@ -429,7 +423,7 @@ def write_report(results, args, reductions, combos, ranking):
     bench = os.path.join(args.out, "decompositions_bench_calibrate.json")
     if os.path.exists(bench):
         b = json.load(open(bench))
-        lines += ["## Calibration benchmark (`experiments/bench_calibrate.py`)", "",
+        lines += ["## Calibration benchmark (`benchmarks/bench_calibrate.py`)", "",
                   markdown_table([["yes" if r["fisher"] else "no", f"{r['tokens']:,}", f"{r['first_call_s']}",
                                    f"{r['second_call_s']}", f"{r['tokens_per_s']}"] for r in b["runs"]],
                                  ["Fisher rows", "tokens", "first call s (compile + run)", "second call s",

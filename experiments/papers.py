@@ -22,10 +22,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from plrd_jax.configs import Presets
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ["python", "-m", "plrd_jax"]
-CPU_TASKS = ["--task", "{out}/tasks/plrd_cloze.jsonl", "--task", "{out}/tasks/plrd_partial.jsonl"]
-MAKE_TASKS = ["python", "experiments/zeroshot_vs_lmeval.py", "--make-tasks", "{out}/tasks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,77 +37,7 @@ class Preset:
     cpu: tuple[tuple[str, ...], ...]
 
 
-def _family(schedule, members, extra=()):
-    """family run + zero-shot PLRD suite on every member + table (full scale)."""
-    steps = [(*CLI, "family", "--parent", "{parent}", "--schedule", schedule, "--out", "{out}",
-              "--data", "tfds:c4/en", "--eval-data", "tfds:c4/en:validation", "--data-dir", "{data_dir}",
-              "--dtype", "bfloat16", "--mesh", "1,-1,1", "--save-every", "200", *extra)]
-    for m in range(members):
-        steps.append((*CLI, "zeroshot", "--model", f"{{out}}:{m}", "--task", "plrd", "--data-dir", "{data_dir}",
-                      "--out", f"{{out}}/zeroshot-{m}.json"))
-    steps.append((*CLI, "tables", "{out}", *[x for m in range(members) for x in
-                                            ("--zeroshot", f"{{out}}/zeroshot-{m}.json")], "--out", "{out}/tables.md"))
-    return tuple(steps)
-
-
-def _family_cpu(schedule_args, members):
-    steps = [tuple(MAKE_TASKS), (*CLI, "family", "--parent", "smollm2-135m", *schedule_args, "--out", "{out}")]
-    for m in members:
-        steps.append((*CLI, "zeroshot", "--model", f"{{out}}:{m}", *CPU_TASKS, "--out", f"{{out}}/zeroshot-{m}.json"))
-    steps.append((*CLI, "tables", "{out}", *[x for m in members for x in ("--zeroshot", f"{{out}}/zeroshot-{m}.json")],
-                  "--out", "{out}/tables.md"))
-    return tuple(steps)
-
-
-def _shear(preset):
-    return ((*CLI, "shear", "--parent", "{parent}", "--preset", preset, "--out", "{out}", "--source", "{sources}",
-             "--data-dir", "{data_dir}", "--dtype", "bfloat16", "--save-every", "500"),
-            (*CLI, "zeroshot", "--model", "{out}:100", "--task", "sheared", "--data-dir", "{data_dir}",
-             "--out", "{out}/zeroshot-100.json"),
-            (*CLI, "tables", "{out}", "--zeroshot", "{out}/zeroshot-100.json", "--out", "{out}/tables.md"))
-
-
-def _pretrain(size, methods=("full", "cola", "sltrain")):
-    steps = [(*CLI, "pretrain", "--preset", f"llama-{size}", "--method", m, "--out", f"{{out}}/{m}",
-              "--data", "tfds:c4/en", "--eval-data", "tfds:c4/en:validation", "--data-dir", "{data_dir}",
-              "--tokenizer", "t5-base") for m in methods]
-    steps.append((*CLI, "tables", *[f"{{out}}/{m}" for m in methods], "--out", "{out}/tables.md"))
-    return tuple(steps)
-
-
-def _pretrain_cpu(methods=("full", "cola", "sltrain")):
-    steps = [(*CLI, "pretrain", "--preset", "llama-20m", "--method", m, "--out", f"{{out}}/{m}", "--steps", "40",
-              "--batch-size", "8", "--seq-len", "128", "--eval-tokens", "16384", "--eval-every", "20",
-              "--dtype", "float32") for m in methods]
-    steps.append((*CLI, "tables", *[f"{{out}}/{m}" for m in methods], "--out", "{out}/tables.md"))
-    return tuple(steps)
-
-
-PLRD_CPU = ("--schedule", "0.9,0.6", "--heal-tokens", "8192", "--eval-tokens", "2048")
-PRESETS: dict[str, Preset] = {
-    "plrd-llama2-7b": Preset(
-        "PLRD (arXiv 2406.19995)", "LLaMA-2-7B → 3.3B through ranks 2048, 1536, 1216; 1B healing tokens",
-        "v5p-64", _family("llama2-7b-3.3b", 3), _family_cpu(PLRD_CPU, (0, 1))),
-    "plrd-mistral-7b": Preset(
-        "PLRD (arXiv 2406.19995)", "Mistral-7B-v0.1 → 3.1B through ranks 2048, 1536, 1088; 1B healing tokens",
-        "v5p-64", _family("mistral-7b-3.1b", 3), _family_cpu(PLRD_CPU, (0, 1))),
-    "sheared-llama2-7b-1.3b": Preset(
-        "Sheared-LLaMA (ICLR 2024)", "LLaMA-2-7B → 1.3B (24 layers, d 2048, 16 heads, 5504): 0.4B pruning + 50B "
-        "continued tokens, dynamic batch loading over 7 RedPajama domains", "v5p-128",
-        _shear("llama2-7b-1.3b"),
-        (tuple(MAKE_TASKS), (*CLI, "shear", "--parent", "smollm2-135m", "--preset", "sheared-smollm2", "--out", "{out}",
-                             "--prune-tokens", "4096", "--continue-tokens", "4096"),
-         (*CLI, "zeroshot", "--model", "{out}:100", *CPU_TASKS, "--out", "{out}/zeroshot-100.json"),
-         (*CLI, "tables", "{out}", "--zeroshot", "{out}/zeroshot-100.json", "--out", "{out}/tables.md"))),
-    "sheared-llama2-7b-2.7b": Preset(
-        "Sheared-LLaMA (ICLR 2024)", "LLaMA-2-7B → 2.7B (32 layers, d 2560, 20 heads, 6912): 0.4B pruning + 50B "
-        "continued tokens", "v5p-128", _shear("llama2-7b-2.7b"), ()),
-    **{f"galore-{size}": Preset(
-        "GaLore benchmark (CoLA, SLTrain)", f"LLaMA-{size} from scratch on C4 (T5 tokenizer, seq 256, 512 seq/step): "
-        "full rank, CoLA, SLTrain", accel, _pretrain(size), _pretrain_cpu())
-        for size, accel in (("60m", "v5litepod-8"), ("130m", "v5litepod-8"), ("350m", "v5litepod-16"),
-                            ("1b", "v5p-32"))},
-}
+PRESETS = Presets("papers", Preset)  # plrd_jax/configs/papers/*.toml
 
 
 def fill(step, values: dict[str, str]) -> list[str]:

@@ -50,23 +50,20 @@ def non_embedding(params) -> int:
 
 
 def heal_member(config, params, heal_data, args, seed=0):
-    """`args.steps` healing steps (plrd_jax.training.step) on heal_data's windows in order; returns healed params."""
-    from plrd_jax.nn.sharding import make_mesh, param_shardings
+    """`args.steps` healing steps (plrd_jax.training.loop.heal) on heal_data's windows in order; returns healed
+    params."""
+    from plrd_jax.training.loop import heal
     from plrd_jax.training.optim import HealConfig
-    from plrd_jax.training.state import init_train_state
-    from plrd_jax.training.step import make_heal_step
 
-    mesh = make_mesh()
-    heal = HealConfig(lr=args.lr, warmup_steps=max(1, round(0.1 * args.steps)), total_steps=args.steps)
-    shardings = param_shardings(params, mesh)
-    state = init_train_state(params, heal, mesh, shardings)
-    step = make_heal_step(config, heal, mesh, shardings)
-    for t in range(args.steps):
-        batch = heal_data.batch_at(t, args.batch, seed).reshape(1, args.batch, args.seq_len)
-        state, metrics = step(state, batch, None)
-        if t % 8 == 0 or t == args.steps - 1:
-            log(f"    step {t + 1}/{args.steps} loss {float(metrics['loss']):.3f}")
-    return state.params
+    config_heal = HealConfig(lr=args.lr, warmup_steps=max(1, round(0.1 * args.steps)), total_steps=args.steps)
+
+    def report(kind, info):
+        if kind == "step" and (info["step"] % 8 == 1 or info["step"] == args.steps):
+            log(f"    step {info['step']}/{args.steps} loss {info['loss']:.3f}")
+    params, _ = heal(config, params, config_heal,
+                     lambda t: heal_data.batch_at(t, args.batch, seed).reshape(1, args.batch, args.seq_len),
+                     on_event=report)
+    return params
 
 
 def hf_logits_check(member_dir, config, params, tokenizer, windows) -> float:

@@ -1,4 +1,4 @@
-"""A tiny family run used by tests/test_family.py (in a subprocess, so that it can be killed with SIGKILL).
+"""A tiny family run used by tests/test_plrd.py (in a subprocess, so that it can be killed with SIGKILL).
 
     python tests/family_run.py OUT_DIR [KILL_AT_MEMBER KILL_AT_STEP]
 Writes OUT_DIR/result.npz with the last member's params when it finishes.

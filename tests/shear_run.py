@@ -1,4 +1,4 @@
-"""A tiny Sheared run used by tests/test_shear.py (in a subprocess, so that it can be killed with SIGKILL).
+"""A tiny Sheared run used by tests/test_sheared.py (in a subprocess, so that it can be killed with SIGKILL).
 
     python tests/shear_run.py OUT_DIR [--plrd] [KILL_PHASE KILL_STEP]
 With --plrd a one-stage PLRD family goes into OUT_DIR first (so that both methods share the store). Then one

@@ -189,7 +189,7 @@ def test_compress_command_sequential_and_multi_corpus(tmp_path):
     from plrd_jax.io.hf import save_hf
     from plrd_jax.nn.model import init_params
     from plrd_jax.io.store import load_member
-    from test_io_hf import small_tokenizer
+    from test_hf import small_tokenizer
 
     tokenizer = small_tokenizer(full_byte_alphabet=True)
     config = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,

@@ -144,7 +144,7 @@ def test_compress_command_builds_a_sparse_plus_lowrank_member_within_budget(tmp_
     from plrd_jax.cli import main
     from plrd_jax.io.hf import save_hf
     from plrd_jax.io.load import load_model
-    from test_io_hf import small_tokenizer
+    from test_hf import small_tokenizer
 
     tokenizer = small_tokenizer(full_byte_alphabet=True)
     config = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,

@@ -1,6 +1,6 @@
 """Streaming transforms: the streamed member equals the in-memory transform (numpy/jnp on the whole tree),
 sharded checkpoints and bfloat16 are read right, bad checkpoints fail before any work, and the full LLaMA-2-7B
-shapes check out under jax.eval_shape. The peak-RSS measurement is experiments/streaming_memory.py (slow)."""
+shapes check out under jax.eval_shape. The peak-RSS measurement is benchmarks/streaming_memory.py (slow)."""
 import json
 import subprocess
 import sys

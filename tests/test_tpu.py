@@ -50,7 +50,7 @@ def test_delete_setup_logs_status():
     argv = shlex.split(lines[2])
     assert argv[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "a", "--zone=us-central2-b"]
     assert argv[7] == "--worker=all" and argv[8] == "--command=" + tpu.setup_script("python3.11")
-    assert "pip install -q -r requirements.txt; pip install -q -U 'jax[tpu]'" in argv[8]
+    assert "pip install -q -e .; pip install -q -U 'jax[tpu]'" in argv[8]
     assert dry("logs", "--name", "a", "--zone", "us-central2-b", "--run", "r1", "--follow")[1] == [
         "gcloud compute tpus tpu-vm ssh a --zone=us-central2-b --worker=0 "
         "'--command=tail -n 100 -F $HOME/runs/r1/worker.log'"]

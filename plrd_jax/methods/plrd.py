@@ -3,17 +3,8 @@
 Progressive (the PLRD recipe): parent → member 1 → heal → member 2 → heal → …, each member made by lowering
 the ranks of the *healed* previous member. One-shot (for comparison): every member straight from the parent.
 
-Presets (`PRESETS`). The PLRD paper does not publish its exact rank schedule; these are our choices:
-  plrd            embedded parent (SmolLM2-135M): members at 90, 75, 60, 50, 40 % of the parent's parameters
-                  (embeddings included), one shared rank fraction over every attention and MLP matrix per
-                  member; whitened factors (SVD-LLM: plain SVD of this 576-wide parent is already at PPL ≈1e7 at
-                  90% of the parameters, before healing); a small CPU healing budget per stage, half
-                  cross-entropy and half distillation from the parent (the README's main job).
-  plrd-tpu        the same sizes with paper-scale healing (≈1B tokens in all), for TPU runs.
-  mistral-7b-3.1b Mistral-7B-v0.1 → ≈3.1B: uniform rank 1088 on every attention and MLP matrix (k and v,
-                  1024 wide, stay dense: a rank ≥ their break-even saves nothing), reached through ranks 2048
-                  and 1536; 250M + 250M + 500M healing tokens.
-  llama2-7b-3.3b  LLaMA-2-7B → ≈3.3B: uniform rank 1216, through 2048 and 1536; same token budget.
+Presets (`PRESETS`, data files in plrd_jax/configs/family/; the PLRD paper does not publish its exact rank
+schedule, these are our choices): plrd (the main job), plrd-tpu, minitron, mistral-7b-3.1b, llama2-7b-3.3b.
 
 Resume: the run is a pure function of (parent, schedule, data, seed). Stage k owns the step ids
 [start_k, start_k + steps_k] of the family store (see store.py); a rerun restores the newest checkpoint and
@@ -32,6 +23,7 @@ import numpy as np
 
 from plrd_jax.transforms.calibrate import calibrate
 from plrd_jax.nn.config import ModelConfig
+from plrd_jax.configs import Presets
 from plrd_jax.evaluation.perplexity import evaluate_corpora
 from plrd_jax.io.store import FamilyStore, StoreError
 from plrd_jax.nn.accounting import count_params
@@ -114,25 +106,7 @@ def _stages(fractions, tokens, prefix="plrd"):
     return tuple(Stage(f"{prefix}-{round(f * 100)}%", budget_fraction=f, heal_tokens=tokens) for f in fractions)
 
 
-SIZES = (0.9, 0.75, 0.6, 0.5, 0.4)
-PRESETS: dict[str, Schedule] = {
-    "plrd": Schedule(_stages(SIZES, 8 * 4 * 256), decomposition="whitened",
-                     heal=HealConfig(lr=2e-4, warmup_steps=2, total_steps=2, kd_weight=0.5)),
-    "plrd-tpu": Schedule(_stages(SIZES, 200_000_000), batch_size=64, seq_len=2048, decomposition="whitened",
-                         heal=HealConfig(lr=1e-4, warmup_steps=100, total_steps=100)),
-    # Minitron-style baseline at the main job's budget: each member pruned one-shot from the parent by activation
-    # importance (width: MLP channels, heads, hidden size), then healed by distillation from the parent.
-    "minitron": Schedule(_stages((0.9, 0.75, 0.5), 8 * 4 * 256, "minitron"), progressive=False, method="minitron",
-                         heal=HealConfig(lr=2e-4, warmup_steps=2, total_steps=2, kd_weight=1.0)),
-    "mistral-7b-3.1b": Schedule(
-        (Stage("r2048", rank=2048, heal_tokens=250_000_000), Stage("r1536", rank=1536, heal_tokens=250_000_000),
-         Stage("r1088-3.1B", rank=1088, heal_tokens=500_000_000)),
-        batch_size=256, seq_len=2048, heal=HealConfig(lr=1e-4, warmup_steps=50, total_steps=50)),
-    "llama2-7b-3.3b": Schedule(
-        (Stage("r2048", rank=2048, heal_tokens=250_000_000), Stage("r1536", rank=1536, heal_tokens=250_000_000),
-         Stage("r1216-3.3B", rank=1216, heal_tokens=500_000_000)),
-        batch_size=256, seq_len=2048, heal=HealConfig(lr=1e-4, warmup_steps=50, total_steps=50)),
-}
+PRESETS = Presets("family", Schedule)  # plrd_jax/configs/family/*.toml
 
 
 def fingerprint(obj) -> str:

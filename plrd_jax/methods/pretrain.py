@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from plrd_jax.data.batches import StreamedBatches, WindowBatches, load_tokenizer  # noqa: F401  (the run's data)
+from plrd_jax.configs import Presets
 from plrd_jax.evaluation.perplexity import perplexity
 from plrd_jax.io.store import FamilyStore, StoreError
 from plrd_jax.nn.config import MATRIX_KINDS, ModelConfig
@@ -79,13 +80,7 @@ class Preset:
     vocab_size: int = 32000
 
 
-PRESETS: dict[str, Preset] = {
-    "llama-20m": Preset(256, 688, 4, 4, 10_000, 64, 16.0, 6e-3, 0.2),  # 60M's ratios: r = d/4, α/r = 1/4, CoLA's lr
-    "llama-60m": Preset(512, 1376, 8, 8, 10_000, 128, 32.0, 6e-3, 0.2),
-    "llama-130m": Preset(768, 2048, 12, 12, 20_000, 256, 16.0, 3e-3, 0.1),
-    "llama-350m": Preset(1024, 2736, 16, 24, 60_000, 256, 16.0, 3e-3, 0.1, only_lr_act=True),
-    "llama-1b": Preset(2048, 5461, 32, 24, 100_000, 512, 8.0, 2e-3, 0.1, only_lr_act=True),
-}
+PRESETS = Presets("pretrain", Preset)  # plrd_jax/configs/pretrain/*.toml
 
 
 @dataclasses.dataclass(frozen=True)

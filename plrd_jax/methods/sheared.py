@@ -33,6 +33,7 @@ import numpy as np
 
 import plrd_jax.data.dynamic_loading as dl
 import plrd_jax.nn.masks as M
+from plrd_jax.configs import Presets
 from plrd_jax.evaluation.perplexity import evaluate_corpora, perplexity
 from plrd_jax.io.store import FamilyStore, StoreError
 from plrd_jax.methods.l0_pruning import (L0Config, init_prune_state, make_prune_step, masked_apply_fn,
@@ -51,7 +52,6 @@ from plrd_jax.transforms.prune import prune
 STEP_BASE = 1_000_000_000  # Sheared step ids start here, far above any PLRD stage block
 MEMBER_BASE = 100  # Sheared member indices: 100, 101, …
 
-
 # ---- schedules and presets ---------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ShearMember:
@@ -59,7 +59,6 @@ class ShearMember:
     target: M.TargetShape
     prune_tokens: int
     continue_tokens: int
-
 
 @dataclasses.dataclass(frozen=True)
 class ShearSchedule:
@@ -89,44 +88,11 @@ class ShearSchedule:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-
 def _phase(base: HealConfig, steps: int, warmup_fraction: float) -> HealConfig:
     n = max(steps, 1)
     return base.replace(total_steps=n, warmup_steps=min(n, int(round(warmup_fraction * n))))
 
-
-# The family's healing mixture (tiny-shakespeare and pydoc stay unseen, for evaluation).
-LOCAL = dl.Domains(("wikitext", "books", "speeches"), (1 / 3, 1 / 3, 1 / 3), update_every=5)
-REDPAJAMA = ("cc", "github", "book", "stackexchange", "wiki", "arxiv", "c4")
-REDPAJAMA_WEIGHTS = (0.67, 0.045, 0.045, 0.02, 0.045, 0.025, 0.15)
-# Per-domain reference losses from the paper's scaling-law fits (LLM-Shearing scripts/pruning.sh).
-REFERENCE_1_3B = (1.9643, 0.7459, 2.1393, 1.6117, 1.7590, 1.4449, 2.1251)
-REFERENCE_2_7B = (1.8712, 0.6883, 2.0325, 1.5353, 1.6297, 1.3560, 2.0328)
-
-
-def _llama2_7b(name: str, target: M.TargetShape, reference: tuple[float, ...]) -> ShearSchedule:
-    """The paper: 3,200 pruning steps × 32 × 4096 (0.42B tokens), 48,000 continued steps × 256 × 4096 (50B)."""
-    return ShearSchedule(
-        (ShearMember(name, target, prune_tokens=3200 * 32 * 4096, continue_tokens=48000 * 256 * 4096),),
-        dl.Domains(REDPAJAMA, REDPAJAMA_WEIGHTS, reference, update_every=50),
-        batch_size=32, continue_batch_size=256, seq_len=4096,
-        prune=HealConfig(lr=1e-4, warmup_steps=0, total_steps=1, dtype="bfloat16"),
-        heal=HealConfig(lr=1e-4, warmup_steps=0, total_steps=1, dtype="bfloat16"),
-        continue_update_every=400, validation_windows=500)
-
-
-PRESETS: dict[str, ShearSchedule] = {
-    # embedded parent (30 layers, d 576, 9 heads / 3 kv, 1536): ≈75% and ≈50% of its 106M matrix params
-    "sheared-smollm2": ShearSchedule(
-        (ShearMember("sheared-75%", M.TargetShape(28, 528, 6, 1408, 3), 6 * 1024, 10 * 1024),
-         ShearMember("sheared-50%", M.TargetShape(22, 480, 6, 1344, 2), 6 * 1024, 10 * 1024)),
-        LOCAL, batch_size=4, seq_len=128, prune=HealConfig(lr=2e-4, warmup_steps=0, total_steps=1),
-        heal=HealConfig(lr=2e-4, warmup_steps=0, total_steps=1), continue_warmup_fraction=0.1,
-        continue_update_every=5, validation_windows=4),
-    "llama2-7b-1.3b": _llama2_7b("sheared-1.3b", M.TargetShape(24, 2048, 16, 5504), REFERENCE_1_3B),
-    "llama2-7b-2.7b": _llama2_7b("sheared-2.7b", M.TargetShape(32, 2560, 20, 6912), REFERENCE_2_7B),
-}
-
+PRESETS = Presets("sheared", ShearSchedule)  # plrd_jax/configs/sheared/*.toml
 
 # ---- the run: members into the family store -----------------------------------------------------------
 @dataclasses.dataclass
@@ -144,11 +110,9 @@ class ShearResult:
     continue_tokens: int
     domain_weights: list  # [[step, [w...]], ...] over both phases
 
-
 def domain_losses(model, params, validation: Sequence[np.ndarray], batch_size: int = 4) -> list[float]:
     """Mean next-token NLL of each domain's validation windows (model: a ModelConfig or an apply function)."""
     return [perplexity(model, params, w, batch_size=batch_size).nll for w in validation]
-
 
 def check_run(parent_config: ModelConfig, schedule: ShearSchedule, domain_windows: Mapping[str, np.ndarray]
               ) -> list[M.TargetShape]:
@@ -170,7 +134,6 @@ def check_run(parent_config: ModelConfig, schedule: ShearSchedule, domain_window
     if schedule.seq_len > parent_config.max_seq_len:
         raise ValueError(f"seq_len {schedule.seq_len} exceeds the parent's context {parent_config.max_seq_len}")
     return targets
-
 
 def run_shear(parent: str, parent_config: ModelConfig, parent_params, schedule: ShearSchedule,
               domain_windows: Mapping[str, np.ndarray], eval_windows, store: FamilyStore, *,
@@ -225,7 +188,6 @@ def run_shear(parent: str, parent_config: ModelConfig, parent_params, schedule: 
                                    max((s for s in saved if start <= s < final), default=None), run))
     return results
 
-
 @dataclasses.dataclass
 class _ShearRun:
     """What the members of one `run_shear` call share."""
@@ -247,7 +209,6 @@ class _ShearRun:
     seed: int
     data_spec: dict | None
     on_event: Callable
-
 
 def _run_member(k, member, target, P, C, start, resume, run: _ShearRun) -> ShearResult:
     """Member k: the pruning phase (steps start … start + P), the pruned model saved at start + P, continued
@@ -279,14 +240,12 @@ def _run_member(k, member, target, P, C, start, resume, run: _ShearRun) -> Shear
     return _continue_phase(index, member, config, params, loader, ppl_before, P, C, start, resume, base_meta, run,
                            event, wall)
 
-
 def _update_weights(loader, model, params, t, run: _ShearRun, event):
     """Dynamic batch loading: new domain weights from the per-domain validation losses of `model`."""
     losses = domain_losses(model, params, run.validation, run.eval_batch_size)
     loader = dl.update(loader, run.schedule.domains, losses, t, run.references)
     event("weights", step=t, losses=losses, weights=list(loader.weights), names=list(run.schedule.domains.names))
     return loader
-
 
 def _prune_phase(member, target, P, start, resume, meta, base_meta, run: _ShearRun, event, wall):
     """Learn the masks for P steps, fold them into a dense pruned model, evaluate it and save it at start + P
@@ -330,7 +289,6 @@ def _prune_phase(member, target, P, start, resume, meta, base_meta, run: _ShearR
                                            "config": config.to_dict(), "loader": loader.to_dict(),
                                            "ppl_before": ppl_before, "wall_s": wall()})
     return config, params, loader, ppl_before
-
 
 def _continue_phase(index, member, config, params, loader, ppl_before, P, C, start, resume, base_meta,
                     run: _ShearRun, event, wall) -> ShearResult:
@@ -380,7 +338,6 @@ def _continue_phase(index, member, config, params, loader, ppl_before, P, C, sta
                                            "loader": loader.to_dict(), "result": dataclasses.asdict(result)})
     run.on_event("member", {"result": result, "restored": False})
     return result
-
 
 def _eval(config, params, eval_sets, batch_size, event, when) -> dict[str, float]:
     return evaluate_corpora(config, params, eval_sets, batch_size, lambda **info: event("eval", when=when, **info))

@@ -44,7 +44,7 @@ from plrd_jax.nn.config import SPARSE_METHODS, ConfigError, LinearSpec
 # Name under which the r-dim activation x A of a factorized linear is tagged for remat policies (CoLA-M).
 BOTTLENECK = "lowrank_bottleneck"
 # Cost of one gathered-and-segment-summed sparse entry per token, in dense multiply-adds, fitted on CPU to
-# forward + backward times of 256×688 … 1024×2736 matrices at δ = 0.03 (experiments/bench_pretrain.py):
+# forward + backward times of 256×688 … 1024×2736 matrices at δ = 0.03 (benchmarks/bench_pretrain.py):
 # gather wins up to a few dozen tokens (decoding, small batches), scatter from a few hundred (training).
 GATHER_COST = 150.0
 

@@ -98,3 +98,23 @@ def run_stage(step_fn: Callable, *, steps: int, batch_at: Callable[[int], np.nda
     if store is not None and final_meta is not None:
         store.save(start + steps, state.params, final_meta(run))
     return run
+
+
+def heal(config, params, heal_config, batch_at: Callable[[int], np.ndarray], *, steps: int | None = None,
+         mesh: Mesh | None = None, teacher=None, teacher_params=None,
+         on_event: Callable[[str, dict], None] = lambda kind, info: None):
+    """Heal `params` of `config` for `steps` (default heal_config.total_steps) steps on `batch_at(t)` (tokens
+    (grad_accum, B, T)), distilling from (teacher config, teacher_params) when kd_weight > 0; nothing is
+    stored. Returns (healed params, per-step metrics)."""
+    from plrd_jax.nn.sharding import make_mesh, param_shardings
+    from plrd_jax.training.state import init_train_state
+    from plrd_jax.training.step import make_heal_step
+
+    mesh = make_mesh() if mesh is None else mesh
+    shardings = param_shardings(params, mesh)
+    history = []
+    run = run_stage(make_heal_step(config, heal_config, mesh, shardings, teacher=teacher),
+                    steps=heal_config.total_steps if steps is None else steps, batch_at=batch_at,
+                    init=lambda: init_train_state(params, heal_config, mesh, shardings), extra=teacher_params,
+                    after_step=lambda t, state, metrics: history.append(metrics), on_event=on_event)
+    return run.state.params, history

@@ -37,7 +37,7 @@ from plrd_jax.nn.accounting import count_params
 from plrd_jax.transforms.decompositions import (Decomposition, Spectrum, as_decomposition, check_stats, decompose,
                                                 decompose_factors, describe_scaling, output_errors)
 from plrd_jax.transforms.factorize import reduce_rank
-from plrd_jax.transforms.plan import PlanError, RankPlan, _node, find_matrices, resolve_ranks, select
+from plrd_jax.transforms.plan import PlanError, RankPlan, node_at, find_matrices, resolve_ranks, select
 from plrd_jax.transforms.sparse import sparse_nnz
 
 ALLOCATIONS = ("uniform", "energy", "sensitivity")
@@ -112,7 +112,7 @@ def compute_spectra(params, paths, decomposition="svd", stats=None) -> dict[str,
     decomposition = as_decomposition(decomposition)
     out = {}
     for path in paths:
-        node = _node(params, path)
+        node = node_at(params, path)
         s = None if stats is None else stats.get(path)
         check_stats(decomposition, s, path)
         out[path] = (decompose(node["kernel"], decomposition, s) if "kernel" in node else

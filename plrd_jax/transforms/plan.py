@@ -163,7 +163,8 @@ def singular_values(k_or_a: jax.Array, b: jax.Array | None = None) -> jax.Array:
     return jnp.linalg.svd(jnp.matmul(r_a, r_b.T, precision="highest"), compute_uv=False)
 
 
-def _node(params, path: str):
+def node_at(params, path: str):
+    """The node at `path` ("layers_0/attn/q") of a nested dict."""
     for key in path.split("/"):
         params = params[key]
     return params
@@ -245,7 +246,7 @@ def resolve_plan(params, plan: RankPlan) -> tuple[MatrixPlan, ...]:
                 raise PlanError(f"rank {plan.rank} for {path} exceeds min({m.d_in}, {m.d_out})")
             r = plan.rank
         elif plan.energy is not None:
-            r = _rounded(_energy_rank(_node(params, path), plan.energy), full, plan)
+            r = _rounded(_energy_rank(node_at(params, path), plan.energy), full, plan)
         elif plan.budget is not None:
             r = budget_ranks[path]
         else:

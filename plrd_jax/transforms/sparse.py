@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from plrd_jax.nn.config import LinearSpec, ModelConfig
 from plrd_jax.transforms.decompositions import (Decomposition, Spectrum, as_decomposition, check_stats, decompose,
                                                 truncate)
-from plrd_jax.transforms.plan import PlanError, _node, check_ranks
+from plrd_jax.transforms.plan import PlanError, node_at, check_ranks
 
 SUPPORTS = ("residual", "activation", "random")
 
@@ -73,7 +73,7 @@ def sparse_plus_lowrank(params, ranks: Mapping[str, int], config: ModelConfig | 
             raise PlanError(f"support 'activation' needs calibration statistics for {path}")
     new_nodes, specs = {}, {}
     for i, (path, r) in enumerate(ranks.items()):
-        node = _node(params, path)
+        node = node_at(params, path)
         kernel = node["kernel"]
         s = None if stats is None else stats.get(path)
         spectrum = spectra[path] if spectra is not None else decompose(kernel, decomposition, s)

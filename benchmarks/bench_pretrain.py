@@ -1,7 +1,7 @@
 """Pretraining costs on this machine: SLTrain's two sparse paths per shape, and each remat policy's compiled peak
 memory and step time (CoLA-M = CoLA with remat "bottleneck").
 
-    python experiments/bench_pretrain.py [--out experiments/results] [--rounds 3] [--batch 8] [--seq-len 256]
+    python benchmarks/bench_pretrain.py [--out experiments/results] [--rounds 3] [--batch 8] [--seq-len 256]
         [--vocab-size 18176] [--skip-sparse] [--skip-remat]
 
 Sparse: forward + backward of y = x((α/r) A B + S), r = d_in/4, δ = 0.03, through "scatter" (S scattered into a

@@ -1,6 +1,6 @@
 """Forward throughput of our decoder against HF transformers (torch, CPU) on the same parent, side by side.
 
-    python experiments/bench_forward.py [--batch 1] [--seq-len 512] [--repeats 5] [--dtype float32]
+    python benchmarks/bench_forward.py [--batch 1] [--seq-len 512] [--repeats 5] [--dtype float32]
 
 Both load the embedded parent's GGUF; both run the whole forward (logits included) on the same token batch,
 alternating, after warm-up; tokens/s is batch·seq_len / median time. torch gets as many threads as XLA's CPU

@@ -1,6 +1,6 @@
 """The pruning step's throughput against the plain heal step, in one run (the masks' overhead; target ≤ 1.3×).
 
-    python experiments/bench_shear.py [--model smollm2-135m] [--batch 4] [--seq-len 256] [--steps 5]
+    python benchmarks/bench_shear.py [--model smollm2-135m] [--batch 4] [--seq-len 256] [--steps 5]
         [--target 22,480,6,2,1344] [--dtype float32] [--out experiments/results]
 
 Both steps train the same parent on the same batches (grad_accum 1): the heal step is plrd_jax.training.step's

@@ -1,7 +1,7 @@
 """Forward latency of a sparse-plus-low-rank member (A B + S) of the embedded parent by each way of applying S,
 against the dense parent: what the gather default (no dense matrix, ever) costs on this CPU.
 
-    python experiments/bench_sparse_member.py [--fraction 0.3] [--density 0.02] [--tokens 512]
+    python benchmarks/bench_sparse_member.py [--fraction 0.3] [--density 0.02] [--tokens 512]
 
 Member: every attention and MLP matrix at rank fraction · min(d_in, d_out) (k/v only where it saves) plus S at
 --density on the top-|residual| support; one sequence of --tokens tokens, float32, median of 5 after warm-up.

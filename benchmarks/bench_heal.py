@@ -1,13 +1,13 @@
 """Heal-step throughput and model FLOP utilization against an HF transformers (torch) AdamW step, side by side;
 then forward latency of low-rank members against their FLOP ratio to the parent.
 
-    python experiments/bench_heal.py [--family runs/plrd-progressive | --fractions 0.75,0.5,0.25
+    python benchmarks/bench_heal.py [--family runs/plrd-progressive | --fractions 0.75,0.5,0.25
         | --budgets 0.6,0.5,0.4 --multiple-of 1,16] [--skip-torch | --forward-only | --no-attention-core]
         [--config-json CONFIG]
         [--batch 4] [--seq-len 256] [--steps 3] [--dtype float32] [--peak-gflops 165] [--json OUT]
 
 On a GPU (e.g. an H100/H200 without the checkpoint at hand):
-    python experiments/bench_heal.py --config-json smollm2_config.json --dtype bfloat16 --batch 32 \
+    python benchmarks/bench_heal.py --config-json smollm2_config.json --dtype bfloat16 --batch 32 \
         --seq-len 1024 --steps 5 --peak-gflops 989000
 
 Heal: the same parent (embedded GGUF, dequantized), batch, length and optimizer (AdamW, clip 1.0), plain

@@ -1,7 +1,7 @@
 """Peak host memory of a streamed factorization (or pruning) on a synthetic checkpoint with LLaMA-2-7B's shapes.
 
-    python experiments/streaming_memory.py --layers 2 --rank 1216 [--matrices attn,mlp] [--work /tmp/plrd-stream]
-    python experiments/streaming_memory.py --layers 2 --prune --out experiments/results/streaming_memory_prune
+    python benchmarks/streaming_memory.py --layers 2 --rank 1216 [--matrices attn,mlp] [--work /tmp/plrd-stream]
+    python benchmarks/streaming_memory.py --layers 2 --prune --out experiments/results/streaming_memory_prune
 
 Writes a float16 HF checkpoint (sharded like transformers': the embedding, one shard per layer, the LM head)
 with the shapes of LLaMA-2-7B (d 4096, MLP 11008, vocab 32000) but only `--layers` layers, then factorizes it

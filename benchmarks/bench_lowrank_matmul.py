@@ -2,7 +2,7 @@
 embedded parent's shapes (d 576, k/v 192, MLP 1536) for 4 × 256 tokens, dense against factorized (x A) B at
 uniform rank r, float32, each jitted; speed-up against the FLOP ratio.
 
-    python experiments/bench_lowrank_matmul.py [--tokens 1024] [--ranks 96,128,160] [--json OUT]
+    python benchmarks/bench_lowrank_matmul.py [--tokens 1024] [--ranks 96,128,160] [--json OUT]
 
 The whole-model latency of members (bench_heal.py) also pays for work that factorizing does not shrink (norms,
 rotary embeddings, attention scores and softmax, activations, the LM head); this isolates the matmuls.

@@ -1,7 +1,7 @@
 """Calibration of the embedded parent: wall time of `plrd_jax.transforms.calibrate.calibrate` over N windows of T tokens
 of the healing half of WikiText-2, with and without the per-window Fisher pass.
 
-    python experiments/bench_calibrate.py [--windows 32] [--seq-len 512] [--batch-size 4] [--no-fisher]
+    python benchmarks/bench_calibrate.py [--windows 32] [--seq-len 512] [--batch-size 4] [--no-fisher]
         [--json experiments/results/decompositions_bench_calibrate.json]
 
 Reports the first call (trace + compile + run) and a second call (run only), tokens/s of the second, the CPU

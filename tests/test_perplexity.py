@@ -107,7 +107,7 @@ def test_geometric_mean_of_ratios_and_the_eval_command_on_several_corpora(tmp_pa
     from plrd_jax.evaluation.perplexity import geomean_ratio, ratios_to_parent
     from plrd_jax.io.hf import save_hf
     from plrd_jax.io.load import load_model
-    from test_io_hf import small_tokenizer
+    from test_hf import small_tokenizer
 
     assert ratios_to_parent({"a": 4.0, "b": 9.0}, {"a": 2.0, "b": 1.0}) == {"a": 2.0, "b": 9.0}
     np.testing.assert_allclose(geomean_ratio({"a": 4.0, "b": 9.0}, {"a": 2.0, "b": 1.0}), math.sqrt(18.0))

@@ -152,7 +152,7 @@ def test_family_command_on_mixtures_scores_every_corpus_and_refuses_overlap(tmp_
     from plrd_jax.nn.config import ModelConfig
     from plrd_jax.io.hf import save_hf
     from plrd_jax.nn.model import init_params
-    from test_io_hf import small_tokenizer
+    from test_hf import small_tokenizer
 
     config = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                          num_kv_heads=2, max_seq_len=64)

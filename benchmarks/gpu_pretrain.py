@@ -1,7 +1,7 @@
 """The GaLore-benchmark pretraining presets (full rank, CoLA, SLTrain) run for real on one accelerator in bfloat16:
 tokens/s, model FLOP utilization, compiled peak memory and the validation perplexity after a short run.
 
-    PLRD_SHARED_DATA=DIR python experiments/gpu_pretrain.py --tokenizer TOKENIZER_DIR [--presets llama-60m]
+    PLRD_SHARED_DATA=DIR python benchmarks/gpu_pretrain.py --tokenizer TOKENIZER_DIR [--presets llama-60m]
         [--methods full,cola,sltrain] [--steps 80] [--batch-size 256] [--seq-len 256] [--peak-tflops 989]
         [--json OUT]
 
