@@ -105,7 +105,8 @@ def member(config, params):
 
 
 def ours(model_config, params, tokenizer, tasks: dict[str, Path]) -> dict:
-    from plrd_jax.evaluation.zeroshot import evaluate_task, load_task
+    from plrd_jax.evaluation.tasks import load_task
+    from plrd_jax.evaluation.zeroshot import evaluate_task
 
     out = {}
     for name, path in tasks.items():

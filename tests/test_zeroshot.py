@@ -13,8 +13,9 @@ from tokenizers import models, pre_tokenizers
 from plrd_jax.nn.config import ModelConfig
 from plrd_jax.io.tokenizer import Tokenizer
 from plrd_jax.nn.model import Decoder, init_params
-from plrd_jax.evaluation.zeroshot import (SUITES, TASKS, Example, Task, ZeroShotError, encode_pair, evaluate_task, load_task,
-                               loglikelihoods, multiple_choice, read_jsonl, score_task, task_names)
+from plrd_jax.evaluation.tasks import (SUITES, TASKS, Example, Task, ZeroShotError, load_task, multiple_choice,
+                                     read_jsonl, task_names)
+from plrd_jax.evaluation.zeroshot import encode_pair, evaluate_task, loglikelihoods, score_task
 
 CONFIG = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                      max_seq_len=64, tie_embeddings=True)

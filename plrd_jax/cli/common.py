@@ -216,10 +216,9 @@ def known_errors() -> tuple[type[BaseException], ...]:
 
 
 def report(message: str) -> None:
-    """One line on stderr (tagged with the process index in a multi-process run)."""
-    from plrd_jax.training.distributed import report_error
-
-    report_error(message)
+    """One line on stderr, tagged with the process index in a multi-process run (every process reports)."""
+    multi = jax.distributed.is_initialized() and jax.process_count() > 1
+    print(f"[process {jax.process_index()}] {message}" if multi else message, file=sys.stderr, flush=True)
 
 
 def describe_os_error(err: OSError) -> str:

@@ -80,7 +80,7 @@ def _member_flags(f) -> None:
 
 def family_schedule(args):
     """The preset named by --schedule (or budget fractions), with the command line's overrides."""
-    from plrd_jax.methods.plrd import PRESETS, _stages
+    from plrd_jax.methods.plrd import PRESETS, Stage
 
     if args.schedule in PRESETS:
         schedule = PRESETS[args.schedule]
@@ -92,7 +92,9 @@ def family_schedule(args):
                              "nor comma-separated budget fractions like 0.9,0.75") from None
         method = args.method or "plrd"  # budget fractions: the method's preset's settings at other sizes
         base = PRESETS[method]
-        schedule = dataclasses.replace(base, stages=_stages(fractions, base.stages[0].heal_tokens, method))
+        tokens = base.stages[0].heal_tokens
+        schedule = dataclasses.replace(base, stages=tuple(
+            Stage(f"{method}-{round(f * 100)}%", budget_fraction=f, heal_tokens=tokens) for f in fractions))
     heal = {k: v for k, v in (("lr", args.lr), ("kd_weight", args.kd_weight), ("dtype", args.dtype),
                               ("grad_accum", args.grad_accum), ("kd_temperature", args.kd_temperature),
                               ("kd_top_k", args.kd_top_k)) if v is not None}

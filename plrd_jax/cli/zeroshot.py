@@ -26,7 +26,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> None:
-    from plrd_jax.evaluation.zeroshot import evaluate_task, load_task, task_names
+    from plrd_jax.evaluation.tasks import load_task, task_names
+    from plrd_jax.evaluation.zeroshot import evaluate_task
     from plrd_jax.io.load import load_model
     from plrd_jax.reporting.summary import markdown_table
 

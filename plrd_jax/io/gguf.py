@@ -23,7 +23,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from plrd_jax.nn.config import ConfigError, ModelConfig
-from plrd_jax.io.hf import CheckpointError, _dtype_name, params_from_hf
+from plrd_jax.io.hf import CheckpointError, dtype_name, params_from_hf
 
 ARCHITECTURE = "llama"
 GGUF_MAGIC = b"GGUF"
@@ -109,7 +109,7 @@ def config_from_gguf(reader: GGUFReader, dtype=None) -> ModelConfig:
         raise CheckpointError(f"partial rotary (rope.dimension_count {rotary_dim} < head_dim {head_dim}) "
                               f"is not supported")
     vocab = int(meta.get("llama.vocab_size", int(names["token_embd.weight"].shape[1])))
-    name = _dtype_name(dtype) if dtype is not None else "float32"
+    name = dtype_name(dtype) if dtype is not None else "float32"
     try:
         return ModelConfig(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=int(key("feed_forward_length")),

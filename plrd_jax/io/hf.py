@@ -49,11 +49,15 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints sav
 
 
 # ---- config ---------------------------------------------------------------------------------------
-def _dtype_name(dtype) -> str:
+def dtype_name(dtype) -> str:
+    """The name of a supported param / compute dtype ("float32", "bfloat16", ...); others are a CheckpointError."""
     name = jnp.dtype(dtype).name
     if name not in DTYPES:
         raise CheckpointError(f"unsupported dtype {name!r}; expected one of {', '.join(DTYPES)}")
     return name
+
+
+_dtype_name = dtype_name  # the old private name, until every caller imports dtype_name
 
 
 def _first(value):
@@ -86,7 +90,7 @@ def config_from_hf(hf: dict[str, Any], dtype=None) -> ModelConfig:
     window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type == "mistral") else None
     if window:  # within one window sliding-window attention is full attention
         max_seq_len = min(max_seq_len, window)
-    name = _dtype_name(dtype) if dtype is not None else "float32"
+    name = dtype_name(dtype) if dtype is not None else "float32"
     try:
         return ModelConfig(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from plrd_jax.nn.config import ModelConfig
 from plrd_jax.io.gguf import load_gguf, open_gguf
-from plrd_jax.io.hf import CheckpointError, _dtype_name, load_hf
+from plrd_jax.io.hf import CheckpointError, dtype_name, load_hf
 from plrd_jax.io.tokenizer import Tokenizer
 
 # short name -> (distribution, file inside it)
@@ -46,7 +46,7 @@ def check_tokenizer(tokenizer: Tokenizer | None, config: ModelConfig) -> None:
 
 def cast(config: ModelConfig, params, dtype) -> tuple[ModelConfig, dict]:
     """Params stored in `dtype`, which also becomes the compute dtype."""
-    name = _dtype_name(dtype)
+    name = dtype_name(dtype)
     params = jax.tree.map(lambda x: x.astype(name) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     return config.replace(param_dtype=name, dtype=name), params
 
