@@ -39,7 +39,7 @@ def main():
     args = ap.parse_args()
 
     from plrd_jax.transforms.calibrate import calibrate
-    from plrd_jax.data.corpora import load_dataset
+    from plrd_jax.data.windows import load_dataset
     from plrd_jax.io.load import load_model
 
     config, params, tokenizer = load_model(args.model)

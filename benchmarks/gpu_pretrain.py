@@ -37,7 +37,8 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from plrd_jax.data.corpora import DataError, load_dataset
+    from plrd_jax.data.corpora import DataError
+    from plrd_jax.data.windows import load_dataset
     from plrd_jax.methods.pretrain import PretrainError, WindowBatches, load_tokenizer, model_config, pretrain, recipe
     from plrd_jax.reporting.summary import markdown_table
     from plrd_jax.nn.accounting import model_flops_per_token

@@ -127,7 +127,8 @@ def main():
     args = ap.parse_args()
 
     from plrd_jax.transforms.calibrate import MatrixStats, calibrate
-    from plrd_jax.data.corpora import load_dataset, load_documents, pack, tokenize
+    from plrd_jax.data.corpora import load_documents
+    from plrd_jax.data.windows import load_dataset, pack, tokenize
     from plrd_jax.evaluation.perplexity import perplexity
     from plrd_jax.io.load import load_model
     from plrd_jax.nn.accounting import count_params

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from plrd_jax.data.corpora import load_dataset
+from plrd_jax.data.windows import load_dataset
 from plrd_jax.methods.pretrain import WindowBatches, load_tokenizer, model_config, parameter_counts, pretrain, recipe
 from plrd_jax.reporting.summary import markdown_table, write_csv
 

@@ -99,7 +99,7 @@ def main():
     import plrd_jax.data.dynamic_loading as dl
     import plrd_jax.nn.masks as M
     from plrd_jax.transforms.calibrate import calibrate
-    from plrd_jax.data.corpora import load_dataset
+    from plrd_jax.data.windows import load_dataset
     from plrd_jax.evaluation.perplexity import perplexity
     from plrd_jax.io.load import load_model
     from plrd_jax.nn.accounting import count_params

@@ -11,7 +11,7 @@ The names a user needs, in the order of the pipeline (docs/api.md has each with 
   families   Schedule, Stage, run_family
   evaluation perplexity, generate
 """
-from plrd_jax.data.corpora import load_dataset
+from plrd_jax.data.windows import load_dataset
 from plrd_jax.evaluation.generate import generate
 from plrd_jax.evaluation.perplexity import perplexity
 from plrd_jax.io.hf import save_hf

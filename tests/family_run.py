@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from plrd_jax.nn.config import ModelConfig
-from plrd_jax.data.corpora import TokenDataset
+from plrd_jax.data.windows import TokenDataset
 from plrd_jax.methods.plrd import Schedule, Stage
 from plrd_jax.methods.plrd import run_family
 from plrd_jax.nn.model import init_params

@@ -16,7 +16,7 @@ import numpy as np
 import plrd_jax.data.dynamic_loading as dl
 import plrd_jax.nn.masks as M
 from plrd_jax.nn.config import ModelConfig
-from plrd_jax.data.corpora import TokenDataset
+from plrd_jax.data.windows import TokenDataset
 from plrd_jax.methods.plrd import Schedule, Stage, run_family
 from plrd_jax.nn.model import init_params
 from plrd_jax.methods.sheared import L0Config, ShearMember, ShearSchedule, run_shear

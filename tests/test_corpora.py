@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import plrd_jax.data.corpora as data
+import plrd_jax.data.mixture as mixtures
+import plrd_jax.data.windows as packing
 from plrd_jax.data.corpora import DataError
 
 
@@ -40,48 +42,48 @@ def shared_file(name):
 # ---- packing ------------------------------------------------------------------------------------
 def test_pack_cuts_non_overlapping_windows_and_drops_the_tail():
     tokens = np.arange(10)
-    np.testing.assert_array_equal(data.pack(tokens, 4), [[0, 1, 2, 3], [4, 5, 6, 7]])
-    np.testing.assert_array_equal(data.pack(tokens, 4, drop_last=False)[-1], [8, 9, -1, -1])
-    assert data.pack(tokens, 4).dtype == np.int32
+    np.testing.assert_array_equal(packing.pack(tokens, 4), [[0, 1, 2, 3], [4, 5, 6, 7]])
+    np.testing.assert_array_equal(packing.pack(tokens, 4, drop_last=False)[-1], [8, 9, -1, -1])
+    assert packing.pack(tokens, 4).dtype == np.int32
 
 
 def test_documents_are_joined_by_eos():
-    np.testing.assert_array_equal(data.tokenize(["ab", "c"], CharTokenizer()), chars("ab") + [0] + chars("c"))
-    np.testing.assert_array_equal(data.tokenize("abc", CharTokenizer()), chars("abc"))
+    np.testing.assert_array_equal(packing.tokenize(["ab", "c"], CharTokenizer()), chars("ab") + [0] + chars("c"))
+    np.testing.assert_array_equal(packing.tokenize("abc", CharTokenizer()), chars("abc"))
 
 
 def test_streamed_windows_equal_packed_windows():
     rng = np.random.default_rng(0)
     docs = ["".join(rng.choice(list("abcdef "), size=rng.integers(0, 40))) for _ in range(30)]
     tok = CharTokenizer()
-    streamed = np.stack(list(data.stream_windows(iter(docs), tok, 7)))
-    np.testing.assert_array_equal(streamed, data.pack(data.tokenize(docs, tok), 7))
+    streamed = np.stack(list(packing.stream_windows(iter(docs), tok, 7)))
+    np.testing.assert_array_equal(streamed, packing.pack(packing.tokenize(docs, tok), 7))
 
 
 # ---- order --------------------------------------------------------------------------------------
 def test_batch_at_equals_the_kth_batch_of_a_full_iteration():
     windows = np.arange(23 * 3).reshape(23, 3)
-    full = list(data.batches(windows, 5, seed=7, num_steps=14))  # 4 steps per epoch: 3.5 epochs
+    full = list(packing.batches(windows, 5, seed=7, num_steps=14))  # 4 steps per epoch: 3.5 epochs
     for k, batch in enumerate(full):
-        np.testing.assert_array_equal(data.batch_at(windows, k, 5, seed=7), batch)
-    np.testing.assert_array_equal(np.stack(list(data.batches(windows, 5, seed=7, start_step=9, num_steps=5))),
+        np.testing.assert_array_equal(packing.batch_at(windows, k, 5, seed=7), batch)
+    np.testing.assert_array_equal(np.stack(list(packing.batches(windows, 5, seed=7, start_step=9, num_steps=5))),
                                   np.stack(full[9:]))
 
 
 def test_each_epoch_is_a_seeded_permutation_and_unseeded_order_is_file_order():
     windows = np.arange(20)[:, None] * np.ones((1, 2), np.int64)
-    epoch = np.concatenate([data.batch_at(windows, k, 4, seed=3)[:, 0] for k in range(5)])
+    epoch = np.concatenate([packing.batch_at(windows, k, 4, seed=3)[:, 0] for k in range(5)])
     np.testing.assert_array_equal(np.sort(epoch), np.arange(20))
     np.testing.assert_array_equal(epoch, np.random.default_rng([3, 0]).permutation(20))
-    next_epoch = np.concatenate([data.batch_at(windows, k, 4, seed=3)[:, 0] for k in range(5, 10)])
+    next_epoch = np.concatenate([packing.batch_at(windows, k, 4, seed=3)[:, 0] for k in range(5, 10)])
     assert not np.array_equal(epoch, next_epoch)
-    in_order = np.concatenate([data.batch_at(windows, k, 4)[:, 0] for k in range(6)])
+    in_order = np.concatenate([packing.batch_at(windows, k, 4)[:, 0] for k in range(6)])
     np.testing.assert_array_equal(in_order, np.r_[np.arange(20), np.arange(4)])
 
 
 def test_dataset_is_deterministic(tmp_path):
     (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog " * 20)
-    make = lambda: data.load_dataset(str(tmp_path / "a.txt"), CharTokenizer(), seq_len=16)
+    make = lambda: packing.load_dataset(str(tmp_path / "a.txt"), CharTokenizer(), seq_len=16)
     a, b = make(), make()
     np.testing.assert_array_equal(a.windows, b.windows)
     np.testing.assert_array_equal(a.batch_at(11, 4, seed=1), b.batch_at(11, 4, seed=1))
@@ -99,7 +101,7 @@ def test_txt_jsonl_and_glob_sources(tmp_path):
     assert data.load_documents(str(tmp_path / "b.jsonl"), text_field="body") == ["x", "y"]
     assert data.load_documents(str(tmp_path / "c.txt")) == ["line one\nline two\n"]  # universal newlines
     assert data.load_text(str(tmp_path / "a.jsonl")) == "first\n\nsecond"
-    ds = data.load_dataset(str(tmp_path / "*.jsonl"), CharTokenizer(), seq_len=4, max_windows=3)
+    ds = packing.load_dataset(str(tmp_path / "*.jsonl"), CharTokenizer(), seq_len=4, max_windows=3)
     np.testing.assert_array_equal(ds.windows.reshape(-1), (chars("first") + [0] + chars("second") + [0])[:12])
 
 
@@ -128,14 +130,14 @@ def test_tokenizers_library_tokenizer_and_token_cache(tmp_path):
             return self.tokenizer.encode(text).ids
 
     docs = ["the cat sat", "the dog"]
-    np.testing.assert_array_equal(data.tokenize(docs, backend), [2, 3, 4, 2, 0])  # Encoding.ids, no EOS attr
-    first = data.tokenize(docs, Wrapped(backend), cache_dir=tmp_path)
+    np.testing.assert_array_equal(packing.tokenize(docs, backend), [2, 3, 4, 2, 0])  # Encoding.ids, no EOS attr
+    first = packing.tokenize(docs, Wrapped(backend), cache_dir=tmp_path)
     calls = Wrapped.calls
-    again = data.tokenize(docs, Wrapped(backend), cache_dir=tmp_path)
+    again = packing.tokenize(docs, Wrapped(backend), cache_dir=tmp_path)
     np.testing.assert_array_equal(first, [2, 3, 4, 1, 2, 0])
     np.testing.assert_array_equal(again, first)
     assert Wrapped.calls == calls and len(list(tmp_path.glob("tokens-*.npy"))) == 1
-    data.tokenize(docs + ["cat"], Wrapped(backend), cache_dir=tmp_path)
+    packing.tokenize(docs + ["cat"], Wrapped(backend), cache_dir=tmp_path)
     assert len(list(tmp_path.glob("tokens-*.npy"))) == 2
 
 
@@ -153,10 +155,10 @@ def fake_tfds(monkeypatch, records):
 def test_tfds_source_streams_documents_joined_by_eos(monkeypatch):
     texts = ["alpha beta", "gamma", "delta epsilon zeta", "eta theta"]
     seen = fake_tfds(monkeypatch, [{"text": t.encode()} for t in texts])
-    ds = data.load_dataset("tfds:c4/en:validation", CharTokenizer(), seq_len=5, data_dir="gs://bucket/tfds",
+    ds = packing.load_dataset("tfds:c4/en:validation", CharTokenizer(), seq_len=5, data_dir="gs://bucket/tfds",
                            max_windows=4)
     assert seen == {"name": "c4/en", "split": "validation", "data_dir": "gs://bucket/tfds", "shuffle_files": False}
-    np.testing.assert_array_equal(ds.windows, data.pack(data.tokenize(texts, CharTokenizer()), 5)[:4])
+    np.testing.assert_array_equal(ds.windows, packing.pack(packing.tokenize(texts, CharTokenizer()), 5)[:4])
     assert ds.spec["source"] == "tfds:c4/en:validation" and ds.spec["text_sha256"] is None
     data.load_documents("tfds:c4/en:3.1.0")
     assert seen["name"] == "c4/en:3.1.0" and seen["split"] == "train"
@@ -214,9 +216,9 @@ def test_errors_name_what_is_wrong(tmp_path, monkeypatch):
         data.load_documents(str(tmp_path / "empty.txt"))
     (tmp_path / "short.txt").write_text("abc")
     with pytest.raises(DataError, match="3 tokens are fewer than one window of seq_len 8"):
-        data.load_dataset(str(tmp_path / "short.txt"), tok, seq_len=8)
+        packing.load_dataset(str(tmp_path / "short.txt"), tok, seq_len=8)
     with pytest.raises(DataError, match="seq_len 1 must be at least 2"):
-        data.load_dataset(str(tmp_path / "short.txt"), tok, seq_len=1)
+        packing.load_dataset(str(tmp_path / "short.txt"), tok, seq_len=1)
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(DataError, match="unsupported file type '.csv'"):
         data.load_documents(str(tmp_path / "x.csv"))
@@ -224,7 +226,7 @@ def test_errors_name_what_is_wrong(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"bad.jsonl:1: no field 'text' \(has: body\)"):
         data.load_documents(str(tmp_path / "bad.jsonl"))
     with pytest.raises(DataError, match="batch_size 9 must be between 1 and the number of windows 2"):
-        data.batch_at(np.zeros((2, 4)), 0, 9)
+        packing.batch_at(np.zeros((2, 4)), 0, 9)
     monkeypatch.setenv("PLRD_SHARED_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match="shared data folder .*nowhere not found; set PLRD_SHARED_DATA"):
         data.load_documents("wikitext2-eval")
@@ -232,12 +234,12 @@ def test_errors_name_what_is_wrong(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="needs tensorflow_datasets"):
         data.load_documents("tfds:c4/en")
     with pytest.raises(DataError, match="needs max_windows"):
-        data.load_dataset("tfds:c4/en", tok, seq_len=8)
+        packing.load_dataset("tfds:c4/en", tok, seq_len=8)
 
 
 # ---- mixtures, splits and evaluation corpora ----------------------------------------------------------
 def test_interleave_follows_the_weights_and_stops_when_a_source_runs_out():
-    owners = data.interleave([100, 100, 100], [2.0, 1.0, 1.0])
+    owners = mixtures.interleave([100, 100, 100], [2.0, 1.0, 1.0])
     counts = np.bincount(owners, minlength=3)
     assert counts[0] == 100 and counts[1] == counts[2] == 50  # source 0 ran out first, at twice the others' rate
     # every prefix is within one window of the weights' shares
@@ -250,18 +252,18 @@ def test_a_mixture_packs_each_source_alone_and_interleaves_their_windows(tmp_pat
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("a" * 40)
     b.write_text("b" * 80)
-    mix = data.load_mixture(f"{a}=1,{b}=1", CharTokenizer(), 8)
+    mix = mixtures.load_mixture(f"{a}=1,{b}=1", CharTokenizer(), 8)
     # a: 5 windows, b: 10; equal weights alternate a, b until a runs out
     assert [chr(w[0] - 1) for w in mix.windows] == ["a", "b"] * 5
     assert [c["windows_used"] for c in mix.spec["components"]] == [5, 5]
     assert all(c["text_sha256"] for c in mix.spec["components"])
-    single = data.load_mixture(str(a), CharTokenizer(), 8)
-    np.testing.assert_array_equal(single.windows, data.load_dataset(str(a), CharTokenizer(), 8).windows)
+    single = mixtures.load_mixture(str(a), CharTokenizer(), 8)
+    np.testing.assert_array_equal(single.windows, packing.load_dataset(str(a), CharTokenizer(), 8).windows)
     (tmp_path / "mix.json").write_text(json.dumps({str(a): 1, str(b): 3}))
-    assert data.parse_mixture(str(tmp_path / "mix.json")) == {str(a): 1.0, str(b): 3.0}
+    assert mixtures.parse_mixture(str(tmp_path / "mix.json")) == {str(a): 1.0, str(b): 3.0}
     for bad, message in ((f"{a}=0", "must be positive"), (f"{a}=x", "not a number"), (f"{a},{a}", "twice")):
         with pytest.raises(DataError, match=message):
-            data.parse_mixture(bad)
+            mixtures.parse_mixture(bad)
 
 
 def test_interleave_chunks_round_robins_and_loses_nothing():
@@ -295,9 +297,9 @@ def test_evaluation_corpora_errors_name_the_corpus(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("tiny")
     with pytest.raises(DataError, match="evaluation corpus .*short.txt.*fewer than one window"):
-        data.load_corpora(f"pydoc,{short}", CharTokenizer(), 64, max_tokens=128)
+        mixtures.load_corpora(f"pydoc,{short}", CharTokenizer(), 64, max_tokens=128)
     with pytest.raises(DataError, match="twice"):
-        data.load_corpora("pydoc,pydoc", CharTokenizer(), 64, max_tokens=128)
+        mixtures.load_corpora("pydoc,pydoc", CharTokenizer(), 64, max_tokens=128)
     with pytest.raises(DataError, match="is also calibration / healing text"):
         data.check_disjoint(["pydoc"], ["pydoc"])
     copy = tmp_path / "copy.txt"

@@ -251,7 +251,8 @@ def test_reference_members_of_the_embedded_parent():
     """q, o, gate, up, down of all 30 layers at rank 256 (k, v dense); whitening from XᵀX over 32 × 512 tokens
     from token 150,000 of wiki.test.raw, jitter 1e-6 · mean diagonal; PPL on its first 8 × 512 tokens.
     torch: plain SVD 1.1e7, whitened 526."""
-    from plrd_jax.data.corpora import load_documents, pack, tokenize
+    from plrd_jax.data.corpora import load_documents
+    from plrd_jax.data.windows import pack, tokenize
     from plrd_jax.evaluation.perplexity import perplexity
     from plrd_jax.io.load import load_model
 

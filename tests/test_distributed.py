@@ -88,7 +88,7 @@ def test_environment_errors_are_one_clear_line():
 
 
 def test_process_local_batches_equal_the_datasets_batches_in_one_process():
-    from plrd_jax.data.corpora import TokenDataset
+    from plrd_jax.data.windows import TokenDataset
 
     windows = np.arange(40 * 8, dtype=np.int32).reshape(40, 8)
     data = ProcessLocalData(TokenDataset(windows, {"source": "synthetic"}), batch_sharding(make_mesh()))

@@ -59,7 +59,8 @@ def test_sampled_windows_follow_the_model_and_start_with_the_start_token():
 
 
 def test_parent_samples_join_a_mixture_as_given_windows(tmp_path):
-    from plrd_jax.data.corpora import DataError, load_mixture, sampled_share
+    from plrd_jax.data.corpora import DataError
+    from plrd_jax.data.mixture import load_mixture, sampled_share
 
     text = tmp_path / "a.txt"
     text.write_text("abcdefgh" * 20)

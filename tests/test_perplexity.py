@@ -75,7 +75,7 @@ def test_parent_wikitext2_perplexity_equals_hf_torch_on_the_same_windows():
 
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from plrd_jax.data.corpora import load_dataset
+    from plrd_jax.data.windows import load_dataset
     from plrd_jax.io.load import embedded_path, load_model
 
     config, params, tokenizer = load_model("smollm2-135m")
@@ -103,7 +103,7 @@ def test_geometric_mean_of_ratios_and_the_eval_command_on_several_corpora(tmp_pa
     import json
 
     from plrd_jax.cli import main
-    from plrd_jax.data.corpora import load_dataset
+    from plrd_jax.data.windows import load_dataset
     from plrd_jax.evaluation.perplexity import geomean_ratio, ratios_to_parent
     from plrd_jax.io.hf import save_hf
     from plrd_jax.io.load import load_model

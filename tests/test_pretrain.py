@@ -176,7 +176,7 @@ def test_streamed_batches_shuffle_within_chunks_and_resume_from_the_saved_positi
         np.testing.assert_array_equal(batch, want)
         assert state == want_state
     # chunk 0's windows are exactly the packed windows of its 4 documents, permuted
-    from plrd_jax.data.corpora import stream_windows
+    from plrd_jax.data.windows import stream_windows
 
     chunk0 = np.stack(list(stream_windows(docs[:4], ByteTokenizer(), 8)))
     seen = np.concatenate([b for b, _ in first])[: len(chunk0)]

@@ -105,7 +105,7 @@ def test_sheared_members_live_beside_plrd_and_resume_bitwise_after_sigkill(tmp_p
     # the PLRD run finds its member again (nothing refused, nothing recomputed)
     from shear_run import CONFIG, PLRD, tiny_domains
 
-    from plrd_jax.data.corpora import TokenDataset
+    from plrd_jax.data.windows import TokenDataset
     from plrd_jax.methods.plrd import run_family
 
     domains, evals = tiny_domains()

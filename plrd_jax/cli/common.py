@@ -108,7 +108,8 @@ def check_out_file(path, flag: str = "--out") -> None:
 def check_sources(*specs: str, data_dir=None) -> None:
     """Read every local text source the specs name (sources or mixtures) once, so that a missing file or one that
     is not UTF-8 fails by name before the model loads; streamed (tfds:) sources and parent-samples are not read."""
-    from plrd_jax.data.corpora import PARENT_SAMPLES, load_documents, parse_mixture
+    from plrd_jax.data.corpora import PARENT_SAMPLES, load_documents
+    from plrd_jax.data.mixture import parse_mixture
 
     names = {name for spec in specs if spec for name in parse_mixture(spec)}
     for name in sorted(names):
@@ -149,7 +150,8 @@ class progress_bar:
 def evaluation_corpora(args, tokenizer, train_specs, seq_len=None):
     """(corpora {name: TokenDataset}, unseen names) for --eval-data, after checking that no corpus shares text
     with the calibration / healing sources (`train_specs`: mixture specs) — before any model runs."""
-    from plrd_jax.data.corpora import check_disjoint, domain_of, load_corpora, parse_mixture
+    from plrd_jax.data.corpora import check_disjoint, domain_of
+    from plrd_jax.data.mixture import load_corpora, parse_mixture
 
     train = [name for spec in train_specs for name in parse_mixture(spec)]
     corpora = load_corpora(args.eval_data, tokenizer, seq_len or args.eval_seq_len, args.eval_tokens,

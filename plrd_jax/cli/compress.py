@@ -138,7 +138,7 @@ def run(args) -> None:
 
 def calibration(args, config, params, tokenizer, decomposition):
     """(statistics or None, calibration windows or None): what the decomposition and the allocation need."""
-    from plrd_jax.data.corpora import load_mixture, sampled_share
+    from plrd_jax.data.mixture import load_mixture, sampled_share
     from plrd_jax.transforms.calibrate import calibrate
 
     stats = calib = None

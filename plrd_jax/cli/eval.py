@@ -26,7 +26,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> None:
-    from plrd_jax.data.corpora import load_dataset
+    from plrd_jax.data.windows import load_dataset
     from plrd_jax.evaluation.perplexity import perplexity
     from plrd_jax.io.load import load_model
 

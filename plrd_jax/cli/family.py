@@ -160,7 +160,8 @@ def run(args) -> None:
 def _family_data(args, schedule, calibration_spec, config, params, tokenizer, mesh_shape):
     """(healing data, calibration data, evaluation corpora, unseen names), all read and checked before any
     member is cut; the parent's own samples generated (or read back from OUT) when a mixture names them."""
-    from plrd_jax.data.corpora import PARENT_SAMPLES, load_mixture, parse_mixture, sampled_share
+    from plrd_jax.data.corpora import PARENT_SAMPLES
+    from plrd_jax.data.mixture import load_mixture, parse_mixture, sampled_share
 
     corpora, unseen = evaluation_corpora(args, tokenizer, [args.data, calibration_spec])
     needed = sum(schedule.steps(s) for s in schedule.stages) * schedule.batch_size * schedule.heal.grad_accum

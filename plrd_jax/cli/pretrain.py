@@ -92,7 +92,7 @@ def run(args) -> None:
 
 def _data(args, data, eval_source, tokenizer, rcp):
     """(training batches, evaluation windows): streamed for tfds: sources, else windows read once."""
-    from plrd_jax.data.corpora import load_dataset
+    from plrd_jax.data.windows import load_dataset
     from plrd_jax.methods.pretrain import StreamedBatches, WindowBatches
 
     if data.startswith("tfds:"):

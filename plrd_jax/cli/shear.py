@@ -173,7 +173,7 @@ def run(args) -> None:
 
 def _domain_windows(args, schedule, sources, tokenizer):
     """Each domain's text in windows of the schedule's length (streamed sources: as many as the run reads)."""
-    from plrd_jax.data.corpora import load_dataset
+    from plrd_jax.data.windows import load_dataset
 
     steps = sum(schedule.prune_steps(m) * schedule.batch_size + schedule.continue_steps(m) * (
         schedule.continue_batch_size or schedule.batch_size) for m in schedule.members)

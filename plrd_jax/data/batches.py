@@ -13,7 +13,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from plrd_jax.data.corpora import DataError, batch_at, load_documents, stream_windows
+from plrd_jax.data.corpora import DataError, load_documents
+from plrd_jax.data.windows import batch_at, stream_windows
 
 
 def load_tokenizer(spec: str):

@@ -8,7 +8,7 @@ reference loss ℓ_ref. Every `update_every` steps:
     w ← (1 − c) w + c / k     (smoothing, c = 1e-4)
 
 Each sequence of a batch draws its domain from w (`np.random.default_rng([seed, step])`); a domain hands out its
-windows in its own shuffled epoch order (`plrd_jax.data.corpora.window_order`) from a cursor. The loader state (weights,
+windows in its own shuffled epoch order (`plrd_jax.data.windows.window_order`) from a cursor. The loader state (weights,
 cursors, history) is small JSON, so a batch is a pure function of (state, step, seed) and a resumed run continues
 exactly. Locally the domains are `LOCAL_DOMAINS`; on a TPU any `tfds:` or file-glob source can be one.
 """
@@ -19,9 +19,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from plrd_jax.data.corpora import window_order
+from plrd_jax.data.windows import window_order
 
-# Local domain name -> data source (plrd_jax.data.corpora.load_dataset).
+# Local domain name -> data source (plrd_jax.data.windows.load_dataset).
 LOCAL_DOMAINS = {"wikitext": "wikitext2-heal", "books": "books-heal", "speeches": "speeches-heal",
                  "shakespeare": "tinyshakespeare", "pydoc": "pydoc"}
 

@@ -236,6 +236,19 @@ def run_fingerprint(config: ModelConfig, rcp: Recipe, data_spec, seed: int) -> s
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _resume_point(store: FamilyStore | None, run_id: str):
+    """(step id to resume, steps done, data position, history, evals, wall seconds) of the newest checkpoint of
+    this run in `store`, or a fresh start; a store of another run is a StoreError."""
+    saved = store.steps() if store is not None else []
+    if not saved:
+        return None, 0, None, [], [], 0.0
+    meta = store.metadata(saved[-1])
+    if meta.get("run") != run_id:
+        raise StoreError(f"{store.directory} holds checkpoints of another run (config, recipe, data or seed "
+                         "differ); choose a new output directory")
+    return saved[-1], meta["step"], meta.get("data_state"), meta["history"], meta["evals"], meta["wall_s"]
+
+
 def pretrain(config: ModelConfig, rcp: Recipe, data, eval_windows: np.ndarray, store: FamilyStore | None = None,
              *, grad_accum: int = 1, mesh_shape=(1, -1, 1), seed: int = 0, eval_every: int = 0,
              save_every: int = 0, eval_batch_size: int = 8, stop_after: int | None = None,
@@ -259,14 +272,7 @@ def pretrain(config: ModelConfig, rcp: Recipe, data, eval_windows: np.ndarray, s
     shardings = param_shardings(abstract_params(config), mesh)
     layout = state_layout(abstract_params(config), make_optimizer(heal), mesh, shardings)
     saved = store.steps() if store is not None else []
-    resume, done, data_state, history, evals, wall = None, 0, None, [], [], 0.0
-    if saved:
-        meta = store.metadata(saved[-1])
-        if meta.get("run") != run_id:
-            raise StoreError(f"{store.directory} holds checkpoints of another run (config, recipe, data or seed "
-                             "differ); choose a new output directory")
-        resume, done, data_state = saved[-1], meta["step"], meta.get("data_state")
-        history, evals, wall = meta["history"], meta["evals"], meta["wall_s"]
+    resume, done, data_state, history, evals, wall = _resume_point(store, run_id)
     compiled, memory = compile_train_step(config, heal, micro, rcp.seq_len, mesh, shardings, layout)
     on_event("compiled", {"memory": memory, "resume_step": done})
     batches = data.batches(rcp.batch_size, done, data_state)
@@ -309,11 +315,11 @@ def pretrain(config: ModelConfig, rcp: Recipe, data, eval_windows: np.ndarray, s
                     checkpoint_meta=checkpoint_meta,
                     evaluate=lambda state: None if evals and evals[-1]["step"] == last else evaluate(state, last))
     state = run.state
-    if store is not None and (done < last or not saved):
+    if store is not None and (done < last or not saved):  # the end of this run: final, or a piece of it
         final = last >= rcp.steps
         store.save(last, state.params, checkpoint_meta(last, final=final), opt_state=None if final else state.opt_state)
     timed = history[1:]  # the first step of a run also pays for warming up the executable
-    tokens_per_s = len(timed) * rcp.tokens_per_step / sum(h["seconds"] for h in timed) if timed else 0.0
     result = PretrainResult(rcp.method, count_trainable(state.params), last, last * rcp.tokens_per_step, wall,
-                            tokens_per_s, evals[-1]["nll"], evals[-1]["ppl"], memory, history, evals)
+                            len(timed) * rcp.tokens_per_step / sum(h["seconds"] for h in timed) if timed else 0.0,
+                            evals[-1]["nll"], evals[-1]["ppl"], memory, history, evals)
     return state.params, result

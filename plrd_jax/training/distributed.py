@@ -173,7 +173,7 @@ class ProcessLocalData:
         return len(self.dataset)
 
     def batch_at(self, step: int, batch_size: int, seed: int | None = None) -> jax.Array:
-        from plrd_jax.data.corpora import batch_indices
+        from plrd_jax.data.windows import batch_indices
 
         shape = (batch_size, self.seq_len)
         rows = process_rows(self.sharding, shape)
