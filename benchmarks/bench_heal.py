@@ -177,7 +177,8 @@ def main():
     from plrd_jax.nn.model import Decoder
     from plrd_jax.nn.accounting import count_params
     from plrd_jax.nn.accounting import model_flops_per_token
-    from plrd_jax.transforms import RankPlan, factorize
+    from plrd_jax.transforms.factorize import factorize
+    from plrd_jax.transforms.plan import RankPlan
 
     if args.config_json and not os.path.isfile(args.config_json):
         raise SystemExit(f"error: --config-json {args.config_json}: no such file")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from timing import keep_freed_memory, median_seconds
 
-from plrd_jax.reporting.summary import markdown_table
+from plrd_jax.reporting.tables import markdown_table
 
 SHAPES = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "gate": (576, 1536), "up": (576, 1536)}
 

@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from plrd_jax.nn.linears import choose_sparse_method, sltrain_matmul, sparse_support
-from plrd_jax.methods.pretrain import compile_train_step, init_params, model_config, recipe
-from plrd_jax.reporting.summary import markdown_table, write_csv
+from plrd_jax.methods.pretrain import init_params, model_config, recipe
+from plrd_jax.training.compile import compile_train_step
+from plrd_jax.reporting.tables import markdown_table, write_csv
 from plrd_jax.nn.sharding import make_mesh, param_shardings
 from plrd_jax.training.state import init_train_state
 

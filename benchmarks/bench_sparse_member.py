@@ -25,8 +25,8 @@ def main():
     from plrd_jax.io.load import load_model
     from plrd_jax.nn.model import Decoder
     from plrd_jax.nn.accounting import count_params
-    from plrd_jax.reporting.summary import markdown_table
-    from plrd_jax.transforms import RankPlan
+    from plrd_jax.reporting.tables import markdown_table
+    from plrd_jax.transforms.plan import RankPlan
     from plrd_jax.transforms.plan import resolve_ranks
     from plrd_jax.transforms.sparse import sparse_plus_lowrank
 

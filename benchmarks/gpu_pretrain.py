@@ -39,8 +39,9 @@ def main():
 
     from plrd_jax.data.corpora import DataError
     from plrd_jax.data.windows import load_dataset
-    from plrd_jax.methods.pretrain import PretrainError, WindowBatches, load_tokenizer, model_config, pretrain, recipe
-    from plrd_jax.reporting.summary import markdown_table
+    from plrd_jax.data.batches import WindowBatches, load_tokenizer
+    from plrd_jax.methods.pretrain import PretrainError, model_config, pretrain, recipe
+    from plrd_jax.reporting.tables import markdown_table
     from plrd_jax.nn.accounting import model_flops_per_token
 
     try:  # every preset, method and input checked before the first run

@@ -86,7 +86,7 @@ def child(checkpoint: str, family: str, rank: int, matrices: str, out: str, prun
     import jax
 
     from plrd_jax.io.streaming import factorize_streamed, prune_streamed
-    from plrd_jax.transforms import RankPlan
+    from plrd_jax.transforms.plan import RankPlan
 
     jax.devices()
     process = psutil.Process()

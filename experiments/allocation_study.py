@@ -59,7 +59,7 @@ def main(argv=None):
             print("+", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
 
-    from plrd_jax.reporting.summary import markdown_table, write_csv
+    from plrd_jax.reporting.tables import markdown_table, write_csv
 
     members = stored(args.out)
     first = next(iter(members.values()))

@@ -132,7 +132,10 @@ def main():
     from plrd_jax.evaluation.perplexity import perplexity
     from plrd_jax.io.load import load_model
     from plrd_jax.nn.accounting import count_params
-    from plrd_jax.transforms import describe_scaling, factorize, plot_rank_heatmap, sparse_plus_lowrank
+    from plrd_jax.reporting.plots import plot_rank_heatmap
+    from plrd_jax.transforms.decompositions import describe_scaling
+    from plrd_jax.transforms.factorize import factorize
+    from plrd_jax.transforms.sparse import sparse_plus_lowrank
     from plrd_jax.transforms.allocate import allocate_ranks, compute_spectra, selected_paths
 
     os.makedirs(args.out, exist_ok=True)
@@ -317,7 +320,7 @@ def main():
 
 
 def write_report(results, args, reductions, combos, ranking):
-    from plrd_jax.reporting.summary import markdown_table, write_csv
+    from plrd_jax.reporting.tables import markdown_table, write_csv
 
     members, n_parent = results["members"], results["setup"]["parent_params"]
     cols = ["decomposition", "allocation"] + [f"{x:.0%}" for x in reductions]

@@ -19,7 +19,7 @@ import argparse
 import math
 import os
 
-from plrd_jax.reporting.summary import fmt_ppl, markdown_table, write_csv
+from plrd_jax.reporting.tables import fmt_ppl, markdown_table, write_csv
 
 
 def load(directory: str, method: str | None) -> tuple[list[dict], dict]:

@@ -31,8 +31,9 @@ import time
 import numpy as np
 
 from plrd_jax.data.windows import load_dataset
-from plrd_jax.methods.pretrain import WindowBatches, load_tokenizer, model_config, parameter_counts, pretrain, recipe
-from plrd_jax.reporting.summary import markdown_table, write_csv
+from plrd_jax.data.batches import WindowBatches, load_tokenizer
+from plrd_jax.methods.pretrain import model_config, parameter_counts, pretrain, recipe
+from plrd_jax.reporting.tables import markdown_table, write_csv
 
 # GaLore benchmark (C4, 60M / 130M / 350M / 1B) validation perplexity. Full rank, low rank: GaLore Table 2;
 # CoLA, SLTrain: their papers' rows on the same setup as given in docs/methods.md (not re-checked here).

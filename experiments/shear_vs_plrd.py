@@ -103,11 +103,13 @@ def main():
     from plrd_jax.evaluation.perplexity import perplexity
     from plrd_jax.io.load import load_model
     from plrd_jax.nn.accounting import count_params
-    from plrd_jax.reporting.summary import markdown_table, plot_ppl_vs_params, write_csv
+    from plrd_jax.reporting.plots import plot_ppl_vs_params
+    from plrd_jax.reporting.tables import markdown_table, write_csv
     from plrd_jax.methods.sheared import ShearMember, ShearSchedule, run_shear
     from plrd_jax.io.store import FamilyStore, load_member
     from plrd_jax.training.optim import HealConfig
-    from plrd_jax.transforms import RankPlan, reduce_rank
+    from plrd_jax.transforms.factorize import reduce_rank
+    from plrd_jax.transforms.plan import RankPlan
 
     os.makedirs(args.work, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)

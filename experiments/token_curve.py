@@ -60,7 +60,7 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from plrd_jax.reporting.summary import markdown_table
+    from plrd_jax.reporting.tables import markdown_table
     from plrd_jax.io.store import FamilyStore
 
     curves, unseen, corpora = {}, [], []

@@ -99,7 +99,8 @@ def make_tasks(out: Path, n: int = 40, seed: int = 0) -> dict[str, Path]:
 
 def member(config, params):
     """Every attention and MLP matrix at 40% of its full rank (all below break-even, so all factorized)."""
-    from plrd_jax.transforms import RankPlan, factorize
+    from plrd_jax.transforms.factorize import factorize
+    from plrd_jax.transforms.plan import RankPlan
 
     return factorize(params, RankPlan(("attn", "mlp"), fraction=0.4), config)
 

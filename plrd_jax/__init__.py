@@ -23,7 +23,8 @@ from plrd_jax.nn.config import ConfigError, LinearSpec, ModelConfig
 from plrd_jax.nn.model import Decoder, abstract_params, init_cache, init_params
 from plrd_jax.training.loop import heal
 from plrd_jax.training.optim import HealConfig
-from plrd_jax.transforms.allocate import allocate_ranks, compress
+from plrd_jax.transforms.allocate import allocate_ranks
+from plrd_jax.transforms.compress import compress
 from plrd_jax.transforms.calibrate import calibrate
 from plrd_jax.transforms.factorize import densify, factorize, reduce_rank
 from plrd_jax.transforms.plan import RankPlan

@@ -8,9 +8,10 @@ import pytest
 
 from plrd_jax import ModelConfig, count_params, init_params
 from plrd_jax.transforms.calibrate import calibrate
-from plrd_jax.transforms import PlanError, RankPlan, factorize, resolve_ranks
-from plrd_jax.transforms.allocate import (Options, _greedy, _knapsack, allocate_ranks, compute_spectra,
-                                          matrix_options, plot_rank_heatmap, rank_costs, ranks_by_layer)
+from plrd_jax.transforms.factorize import factorize
+from plrd_jax.transforms.plan import PlanError, RankPlan, resolve_ranks
+from plrd_jax.reporting.plots import plot_rank_heatmap
+from plrd_jax.transforms.allocate import Options, _greedy, _knapsack, allocate_ranks, compute_spectra, matrix_options, rank_costs, ranks_by_layer
 from plrd_jax.transforms.decompositions import decomposed_factors
 
 CONFIG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4,
@@ -164,8 +165,8 @@ def test_errors(model):
 
 
 def test_compress_is_allocation_then_reduce_rank(model):
-    from plrd_jax.transforms import reduce_rank
-    from plrd_jax.transforms.allocate import compress
+    from plrd_jax.transforms.factorize import reduce_rank
+    from plrd_jax.transforms.compress import compress
 
     params, stats, spectra = model
     budget = int(0.7 * count_params(params))

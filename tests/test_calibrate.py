@@ -9,7 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from plrd_jax.transforms.calibrate import MatrixStats, calibrate, linear_paths, stats_shardings
 from plrd_jax.io.hf import load_hf
 from plrd_jax.nn.sharding import make_mesh
-from plrd_jax.transforms import RankPlan, factorize
+from plrd_jax.transforms.factorize import factorize
+from plrd_jax.transforms.plan import RankPlan
 
 SHAPE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64,
              num_attention_heads=4, num_key_value_heads=2)

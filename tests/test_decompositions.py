@@ -10,9 +10,9 @@ import pytest
 
 from plrd_jax import ModelConfig, init_params
 from plrd_jax.transforms.calibrate import MatrixStats, calibrate
-from plrd_jax.transforms import (Decomposition, DecompositionError, RankPlan, decompose, decompose_factors,
-                                 decomposed_factors, describe_scaling, factorize, output_errors, reduce_rank,
-                                 reduced_factors, svd_factors)
+from plrd_jax.transforms.decompositions import Decomposition, DecompositionError, decompose, decompose_factors, decomposed_factors, describe_scaling, output_errors, reduced_factors
+from plrd_jax.transforms.factorize import factorize, reduce_rank, svd_factors
+from plrd_jax.transforms.plan import RankPlan
 from plrd_jax.transforms.decompositions import whitening
 
 D_IN, D_OUT, N = 48, 40, 400

@@ -41,7 +41,7 @@ def launch(out, processes, local_devices):
 
 def members(directory):
     from plrd_jax.io.store import FamilyStore, load_member
-    from plrd_jax.transforms import densify
+    from plrd_jax.transforms.factorize import densify
 
     out = []
     for m in FamilyStore(directory, read_only=True).members():

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from plrd_jax import Decoder, LinearSpec, ModelConfig, init_params
-from plrd_jax.transforms import (PlanError, RankPlan, count_params, densify, factorize, find_matrices, reduce_factors,
-                                 reduce_rank, resolve_ranks, singular_values, svd_factors)
+from plrd_jax.nn.accounting import count_params
+from plrd_jax.transforms.factorize import densify, factorize, reduce_factors, reduce_rank, svd_factors
+from plrd_jax.transforms.plan import PlanError, RankPlan, find_matrices, resolve_ranks, singular_values
 
 CONFIG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                      num_kv_heads=2, max_seq_len=32, qkv_bias=True)

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 from plrd_jax import ModelConfig, init_params
-from plrd_jax.transforms import (PlanError, RankPlan, count_params, factorize, find_matrices, predict_param_count,
-                                 resolve_plan, resolve_ranks)
+from plrd_jax.nn.accounting import count_params
+from plrd_jax.transforms.factorize import factorize
+from plrd_jax.transforms.plan import PlanError, RankPlan, find_matrices, predict_param_count, resolve_plan, resolve_ranks
 
 CONFIG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                      num_kv_heads=2, max_seq_len=64)

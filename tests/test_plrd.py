@@ -93,7 +93,7 @@ def test_members_are_scored_on_every_corpus_and_the_previous_member_can_teach(tm
     from plrd_jax.nn.model import Decoder
     from plrd_jax.nn.accounting import count_params
     from plrd_jax.training.losses import distill_loss
-    from plrd_jax.transforms.allocate import compress
+    from plrd_jax.transforms.compress import compress
 
     config0, member0, _ = load_member(f"{tmp_path / 'fam'}:0")
     plan = dataclasses.replace(schedule.stages[1].plan(count_params(params), schedule.matrices),

@@ -9,7 +9,7 @@ import pytest
 from plrd_jax.nn.config import ConfigError
 from plrd_jax.nn.model import Decoder
 from plrd_jax.data.batches import StreamedBatches, WindowBatches
-from plrd_jax.methods.pretrain import (PRESETS, PretrainError, count_trainable, init_params, model_config, parameter_counts, pretrain, recipe)
+from plrd_jax.methods.pretrain import PRESETS, PretrainError, count_trainable, init_params, model_config, parameter_counts, pretrain, recipe
 from plrd_jax.training.compile import compile_train_step
 from plrd_jax.io.store import FamilyStore
 from plrd_jax.training.losses import next_token_loss

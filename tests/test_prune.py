@@ -7,7 +7,7 @@ import pytest
 import plrd_jax.nn.masks as M
 from plrd_jax.nn.config import ModelConfig
 from plrd_jax.nn.model import Decoder, init_params
-from plrd_jax.transforms import factorize
+from plrd_jax.transforms.factorize import factorize
 from plrd_jax.transforms.prune import PruneError, prune, pruned_shape
 
 MHA = ModelConfig(vocab_size=80, hidden_size=48, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=4,

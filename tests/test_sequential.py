@@ -11,8 +11,9 @@ from plrd_jax.transforms.calibrate import calibrate
 from plrd_jax.nn.linears import Linear
 from plrd_jax.nn.model import Block, Decoder
 from plrd_jax.transforms.sequential import layer_groups, sequential_compress
-from plrd_jax.transforms import RankPlan, reduce_rank, resolve_ranks
-from plrd_jax.transforms.allocate import compress
+from plrd_jax.transforms.factorize import reduce_rank
+from plrd_jax.transforms.plan import RankPlan, resolve_ranks
+from plrd_jax.transforms.compress import compress
 from plrd_jax.transforms.plan import PlanError
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2,

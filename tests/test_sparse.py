@@ -8,7 +8,7 @@ import pytest
 from plrd_jax import Decoder, ModelConfig, count_params, init_params
 from plrd_jax.transforms.calibrate import calibrate
 from plrd_jax.nn.linears import sltrain_matmul
-from plrd_jax.transforms import PlanError
+from plrd_jax.transforms.plan import PlanError
 from plrd_jax.transforms.allocate import allocate_ranks
 from plrd_jax.transforms.sparse import residual_support, sparse_plus_lowrank, sparse_plus_lowrank_size
 
@@ -134,7 +134,7 @@ def test_errors(parent):
         sparse_plus_lowrank(params, RANKS, density=0.0)
     with pytest.raises(PlanError, match="support 'activation' needs calibration statistics for layers_0/attn/q"):
         sparse_plus_lowrank(params, RANKS, support="activation")
-    from plrd_jax.transforms import factorize
+    from plrd_jax.transforms.factorize import factorize
     low, _ = factorize(params, {"layers_0/attn/q": 8})
     with pytest.raises(PlanError, match="layers_0/attn/q is already factorized"):
         sparse_plus_lowrank(low, {"layers_0/attn/q": 4})

@@ -22,7 +22,8 @@ from plrd_jax.nn.model import Decoder
 from plrd_jax.io.checkpoint_reader import open_checkpoint, read_tensor
 from plrd_jax.io.streaming import factorize_streamed, prune_streamed, reduce_streamed, streamed_ranks
 from plrd_jax.nn.model import abstract_params
-from plrd_jax.transforms import RankPlan, factorize, predict_param_count, reduce_rank
+from plrd_jax.transforms.factorize import factorize, reduce_rank
+from plrd_jax.transforms.plan import RankPlan, predict_param_count
 from plrd_jax.transforms.plan import PlanError
 from plrd_jax.transforms.prune import PruneError, prune
 

@@ -165,7 +165,8 @@ def evaluation_corpora(args, tokenizer, train_specs, seq_len=None):
 def print_summary(out_dir, prefix, results, parent_params, parent_ppl, unseen, title):
     """The members' table (a column per corpus, ratios to the parent, geometric mean) and the plot, written to
     OUT/{prefix}summary.md, .csv and OUT/{prefix}ppl_ratios.png."""
-    from plrd_jax.reporting.summary import markdown_table, plot_ratios, summary_columns, summary_rows, write_csv
+    from plrd_jax.reporting.plots import plot_ratios
+    from plrd_jax.reporting.tables import markdown_table, summary_columns, summary_rows, write_csv
 
     columns = summary_columns(list(parent_ppl), unseen)
     rows = summary_rows(results, parent_params, parent_ppl, unseen)

@@ -108,7 +108,8 @@ def run(args) -> None:
     from plrd_jax.evaluation.perplexity import perplexities
     from plrd_jax.io.load import load_model
     from plrd_jax.nn.accounting import count_params
-    from plrd_jax.transforms import Decomposition, RankPlan
+    from plrd_jax.transforms.decompositions import Decomposition
+    from plrd_jax.transforms.plan import RankPlan
 
     check_args(args)
     done = stored_member(args)
@@ -159,10 +160,11 @@ def calibration(args, config, params, tokenizer, decomposition):
 
 def decompose(args, config, params, plan, decomposition, stats, calib):
     """(member params, member config, report) by the method the flags choose."""
-    from plrd_jax.transforms.allocate import allocate_ranks, compress
+    from plrd_jax.transforms.allocate import allocate_ranks
+    from plrd_jax.transforms.compress import compress
 
     if args.sparse_density:  # A B + S: ranks chosen with the sparse part's values and indices counted
-        from plrd_jax.transforms import sparse_plus_lowrank
+        from plrd_jax.transforms.sparse import sparse_plus_lowrank
 
         chosen = allocate_ranks(params, plan.budget, args.allocation, matrices=plan.matrices,
                                 multiple_of=plan.multiple_of, decomposition=decomposition, stats=stats,
@@ -216,7 +218,7 @@ def store_member(args, config, tokenizer, member, member_config, report, scores)
     it is there the command is finished (a rerun finds it); an interrupted save leaves only Orbax's temporary
     directory, which the next open of the store removes."""
     from plrd_jax.io.store import FamilyStore
-    from plrd_jax.transforms import plot_rank_heatmap
+    from plrd_jax.reporting.plots import plot_rank_heatmap
 
     name = member_name(args)
     os.makedirs(args.out, exist_ok=True)

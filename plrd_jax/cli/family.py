@@ -231,7 +231,7 @@ class FamilyEvents:
 
 def _plot_ranks(out, config, schedule, results) -> None:
     """Ranks by layer and matrix kind, one heatmap per low-rank member."""
-    from plrd_jax.transforms import plot_rank_heatmap
+    from plrd_jax.reporting.plots import plot_rank_heatmap
 
     shapes = {p: config.matrix_shape(p) for p in config.matrix_paths()}
     for r in (results if schedule.method == "plrd" else []):

@@ -49,7 +49,8 @@ def _schedule_flags(t) -> None:
 
 def run(args) -> None:
     from plrd_jax.io.store import FamilyStore
-    from plrd_jax.methods.pretrain import PretrainError, load_tokenizer, model_config, pretrain, recipe
+    from plrd_jax.data.batches import load_tokenizer
+    from plrd_jax.methods.pretrain import PretrainError, model_config, pretrain, recipe
 
     accelerator = jax.default_backend() != "cpu"
     data = args.data or ("tfds:c4/en" if accelerator else "wikitext2-heal")
@@ -93,7 +94,7 @@ def run(args) -> None:
 def _data(args, data, eval_source, tokenizer, rcp):
     """(training batches, evaluation windows): streamed for tfds: sources, else windows read once."""
     from plrd_jax.data.windows import load_dataset
-    from plrd_jax.methods.pretrain import StreamedBatches, WindowBatches
+    from plrd_jax.data.batches import StreamedBatches, WindowBatches
 
     if data.startswith("tfds:"):
         train = StreamedBatches(data, tokenizer, rcp.seq_len, args.data_dir, seed=args.seed)

@@ -29,7 +29,7 @@ def run(args) -> None:
     from plrd_jax.evaluation.tasks import load_task, task_names
     from plrd_jax.evaluation.zeroshot import evaluate_task
     from plrd_jax.io.load import load_model
-    from plrd_jax.reporting.summary import markdown_table
+    from plrd_jax.reporting.tables import markdown_table
 
     if args.out:
         check_out_file(args.out)

@@ -57,7 +57,6 @@ def dtype_name(dtype) -> str:
     return name
 
 
-_dtype_name = dtype_name  # the old private name, until every caller imports dtype_name
 
 
 def _first(value):

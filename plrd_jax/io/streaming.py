@@ -33,7 +33,7 @@ import numpy as np
 
 from plrd_jax.nn.config import LinearSpec, ModelConfig
 from plrd_jax.nn.model import abstract_params
-from plrd_jax.io.hf import _dtype_name, hf_layout
+from plrd_jax.io.hf import dtype_name, hf_layout
 from plrd_jax.transforms.factorize import reduce_factors, svd_factors
 from plrd_jax.transforms.plan import PlanError, RankPlan, check_ranks, resolve_ranks
 from plrd_jax.transforms.prune import apply_cut, prune_cuts
@@ -57,7 +57,7 @@ def streamed_ranks(config: ModelConfig, plan: RankPlan | Mapping[str, int]) -> d
 def member_config(config: ModelConfig, ranks: Mapping[str, int], dtype=None) -> ModelConfig:
     new = config.with_linears({p: LinearSpec("lowrank", rank=r) for p, r in ranks.items()})
     if dtype is not None:
-        name = _dtype_name(dtype)
+        name = dtype_name(dtype)
         new = new.replace(param_dtype=name, dtype=name)
     return new
 

@@ -33,7 +33,7 @@ from plrd_jax.training.loop import run_stage, state_layout
 from plrd_jax.training.optim import HealConfig, make_optimizer
 from plrd_jax.training.state import init_train_state
 from plrd_jax.training.step import make_heal_step
-from plrd_jax.transforms.allocate import compress
+from plrd_jax.transforms.compress import compress
 from plrd_jax.transforms.plan import RankPlan
 
 

@@ -43,7 +43,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plrd_jax.data.batches import StreamedBatches, WindowBatches, load_tokenizer  # noqa: F401  (the run's data)
 from plrd_jax.configs import Presets
 from plrd_jax.evaluation.perplexity import perplexity
 from plrd_jax.io.store import FamilyStore, StoreError

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
 from collections.abc import Mapping
 
 import jax
@@ -101,18 +100,12 @@ def is_main_process() -> bool:
 @contextlib.contextmanager
 def main_process_output():
     """Inside: stdout and stderr of every process but process 0 go to /dev/null (an error leaving the block
-    is reported outside it, by `report_error`, on every process)."""
+    is reported outside it, on every process)."""
     if not jax.distributed.is_initialized() or is_main_process():  # never starts a backend by itself
         yield
         return
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
         yield
-
-
-def report_error(message: str) -> None:
-    """One line on stderr, tagged with the process index in a multi-process run."""
-    multi = jax.distributed.is_initialized() and jax.process_count() > 1
-    print(f"[process {jax.process_index()}] {message}" if multi else message, file=sys.stderr, flush=True)
 
 
 # ---- process-local data ---------------------------------------------------------------------------------

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import re
 from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
@@ -35,9 +33,8 @@ import numpy as np
 
 from plrd_jax.nn.accounting import count_params
 from plrd_jax.transforms.decompositions import (Decomposition, Spectrum, as_decomposition, check_stats, decompose,
-                                                decompose_factors, describe_scaling, output_errors)
-from plrd_jax.transforms.factorize import reduce_rank
-from plrd_jax.transforms.plan import PlanError, RankPlan, node_at, find_matrices, resolve_ranks, select
+                                                decompose_factors, output_errors)
+from plrd_jax.transforms.plan import PlanError, node_at, find_matrices, select
 from plrd_jax.transforms.sparse import sparse_nnz
 
 ALLOCATIONS = ("uniform", "energy", "sensitivity")
@@ -331,70 +328,4 @@ def allocate_ranks(params, budget: int, allocation: str = "uniform", *, matrices
                       sensitivity if sensitive else None, sparse_density, cost_total)
 
 
-def compress(params, plan: RankPlan, config=None, *, allocation: str = "uniform", stats=None,
-             solver: str = "greedy", sensitivity: str = "output"):
-    """One member from `params` (dense or factorized): the plan's matrices at its size, ranks chosen by
-    `allocation` (non-uniform ones need `plan.budget`), factors by `plan.decomposition` (`reduce_rank`).
-
-    Returns (params, config, report), report = {"decomposition", "allocation", "ranks_by_layer", "scalings"
-    (how many matrices used each input scaling, e.g. {"cholesky (damping 1e-06)": 210})}.
-    """
-    decomposition = plan.decomposition
-    if allocation != "uniform" and plan.budget is None:
-        raise PlanError(f"allocation {allocation!r} needs a parameter budget (RankPlan(budget=...)), not a rank rule")
-    spectra, report = None, {"decomposition": decomposition.method, "allocation": allocation}
-    if allocation == "uniform":
-        ranks = resolve_ranks(params, plan)
-    else:
-        ranks = None
-    if decomposition.needs_stats or allocation != "uniform":
-        paths = selected_paths(params, plan.matrices, plan.exclude) if ranks is None else list(ranks)
-        spectra = compute_spectra(params, paths, decomposition, stats)
-        kinds: dict[str, int] = {}
-        for p in paths:
-            kinds[describe_scaling(spectra[p].scaling)] = kinds.get(describe_scaling(spectra[p].scaling), 0) + 1
-        report["scalings"] = kinds
-    if ranks is None:
-        result = allocate_ranks(params, plan.budget, allocation, matrices=plan.matrices, exclude=plan.exclude,
-                                multiple_of=plan.multiple_of, decomposition=decomposition, stats=stats, spectra=spectra,
-                                sensitivity=sensitivity, solver=solver)
-        ranks = result.ranks
-        report.update(solver=solver, sensitivity=sensitivity)
-    new_params, new_config = reduce_rank(params, ranks, config, stats=stats, decomposition=decomposition,
-                                         spectra=spectra)
-    report["ranks_by_layer"] = ranks_by_layer(ranks)
-    return new_params, new_config, report
-
-
 # ---- picture --------------------------------------------------------------------------------------------
-def plot_rank_heatmap(path: str, ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]],
-                      title: str = "Ranks by layer and matrix") -> None:
-    """PNG of layers (rows) × matrix kinds (columns): colour = parameters kept (rank·(d_in+d_out) / d_in·d_out,
-    1 for a dense matrix), text = the rank ("–" when dense). shapes: path -> (d_in, d_out) of every matrix."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layer_of = {p: int(m.group(1)) for p in shapes if (m := re.match(r"layers_(\d+)/", p))}
-    kinds = list(dict.fromkeys(p.rsplit("/", 1)[-1] for p in layer_of))
-    layers = sorted(set(layer_of.values()))
-    kept = np.ones((len(layers), len(kinds)))
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(kinds), 1.2 + 0.28 * len(layers)))
-    for p, layer in layer_of.items():
-        i, j = layers.index(layer), kinds.index(p.rsplit("/", 1)[-1])
-        d_in, d_out = shapes[p]
-        r = ranks.get(p)
-        kept[i, j] = 1.0 if r is None else r * (d_in + d_out) / (d_in * d_out)
-        ax.text(j, i, "–" if r is None else str(r), ha="center", va="center", fontsize=7)
-    image = ax.imshow(kept, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(kinds)), kinds)
-    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
-    ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="parameters kept")
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)

@@ -1,0 +1,43 @@
+"""One member from a model in one call: the plan's matrices at its size, ranks chosen by an allocation, factors
+by a decomposition (`compress`)."""
+from __future__ import annotations
+
+from plrd_jax.transforms.allocate import allocate_ranks, compute_spectra, ranks_by_layer, selected_paths
+from plrd_jax.transforms.decompositions import describe_scaling
+from plrd_jax.transforms.factorize import reduce_rank
+from plrd_jax.transforms.plan import PlanError, RankPlan, resolve_ranks
+
+
+def compress(params, plan: RankPlan, config=None, *, allocation: str = "uniform", stats=None,
+             solver: str = "greedy", sensitivity: str = "output"):
+    """One member from `params` (dense or factorized): the plan's matrices at its size, ranks chosen by
+    `allocation` (non-uniform ones need `plan.budget`), factors by `plan.decomposition` (`reduce_rank`).
+
+    Returns (params, config, report), report = {"decomposition", "allocation", "ranks_by_layer", "scalings"
+    (how many matrices used each input scaling, e.g. {"cholesky (damping 1e-06)": 210})}.
+    """
+    decomposition = plan.decomposition
+    if allocation != "uniform" and plan.budget is None:
+        raise PlanError(f"allocation {allocation!r} needs a parameter budget (RankPlan(budget=...)), not a rank rule")
+    spectra, report = None, {"decomposition": decomposition.method, "allocation": allocation}
+    if allocation == "uniform":
+        ranks = resolve_ranks(params, plan)
+    else:
+        ranks = None
+    if decomposition.needs_stats or allocation != "uniform":
+        paths = selected_paths(params, plan.matrices, plan.exclude) if ranks is None else list(ranks)
+        spectra = compute_spectra(params, paths, decomposition, stats)
+        kinds: dict[str, int] = {}
+        for p in paths:
+            kinds[describe_scaling(spectra[p].scaling)] = kinds.get(describe_scaling(spectra[p].scaling), 0) + 1
+        report["scalings"] = kinds
+    if ranks is None:
+        result = allocate_ranks(params, plan.budget, allocation, matrices=plan.matrices, exclude=plan.exclude,
+                                multiple_of=plan.multiple_of, decomposition=decomposition, stats=stats, spectra=spectra,
+                                sensitivity=sensitivity, solver=solver)
+        ranks = result.ranks
+        report.update(solver=solver, sensitivity=sensitivity)
+    new_params, new_config = reduce_rank(params, ranks, config, stats=stats, decomposition=decomposition,
+                                         spectra=spectra)
+    report["ranks_by_layer"] = ranks_by_layer(ranks)
+    return new_params, new_config, report
