@@ -64,3 +64,24 @@ def test_bad_files_and_names_are_one_line_errors_naming_the_thing(tmp_path):
     with pytest.raises(ConfigFileError, match="unknown family preset 'plrdd'; expected one of .*plrd"):
         load_preset("family", "plrdd")
     assert "plrdd" not in FAMILY and "plrd" in preset_names("family")
+
+
+def test_cli_config_file_is_the_preset_format_and_flags_override(tmp_path, capsys):
+    import shutil
+
+    from plrd_jax.cli import build_parser, main
+    from plrd_jax.cli.family import family_schedule
+    from plrd_jax.configs import HERE
+
+    shutil.copy(HERE / "family" / "plrd.toml", tmp_path / "mine.toml")
+    parser = build_parser()
+    from_file = family_schedule(parser.parse_args(["family", "--out", "x", "--config", str(tmp_path / "mine.toml")]))
+    from_preset = family_schedule(parser.parse_args(["family", "--out", "x", "--preset", "plrd"]))
+    assert from_file == from_preset == FAMILY["plrd"]
+    overridden = family_schedule(parser.parse_args(["family", "--out", "x", "--config", str(tmp_path / "mine.toml"),
+                                                    "--lr", "1e-3", "--heal-tokens", "2048"]))
+    assert overridden.heal.lr == 1e-3 and {s.heal_tokens for s in overridden.stages} == {2048}
+    (tmp_path / "bad.toml").write_text("stages = [{name = 'a', rank = 4}]\nheal = {lr = 'fast'}\n[heal]\n")
+    assert main(["family", "--out", str(tmp_path / "out"), "--config", str(tmp_path / "bad.toml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.toml" in err[0] and not (tmp_path / "out").exists()

@@ -17,9 +17,11 @@ RESUMES = True
 def register(subparsers) -> None:
     f = subparsers.add_parser("family", help="build a single-parent family (progressive low-rank decomposition)")
     f.add_argument("--parent", default=DEFAULT_MODEL)
-    f.add_argument("--schedule", default="plrd",
-                   help="a preset (plrd, minitron, plrd-tpu, mistral-7b-3.1b, llama2-7b-3.3b) or budget fractions "
-                        "'0.9,0.75'")
+    f.add_argument("--schedule", "--preset", dest="schedule", default="plrd",
+                   help="a preset (plrd, minitron, plrd-tpu, mistral-7b-3.1b, llama2-7b-3.3b: plrd_jax/configs/family/) "
+                        "or budget fractions '0.9,0.75'")
+    f.add_argument("--config", default=None, metavar="FILE",
+                   help="a schedule file in the presets' format (TOML or JSON; replaces --schedule); flags override")
     f.add_argument("--out", required=True, help="family directory (Orbax store, tables, plot)")
     _data_flags(f)
     _healing_flags(f)
@@ -79,10 +81,14 @@ def _member_flags(f) -> None:
 
 
 def family_schedule(args):
-    """The preset named by --schedule (or budget fractions), with the command line's overrides."""
-    from plrd_jax.methods.plrd import PRESETS, Stage
+    """The preset named by --schedule (or budget fractions, or the --config file), with the command line's
+    overrides."""
+    from plrd_jax.configs import build, load_config
+    from plrd_jax.methods.plrd import PRESETS, Schedule, Stage
 
-    if args.schedule in PRESETS:
+    if getattr(args, "config", None):
+        schedule = build(Schedule, load_config(args.config), args.config)
+    elif args.schedule in PRESETS:
         schedule = PRESETS[args.schedule]
     else:
         try:

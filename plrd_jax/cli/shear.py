@@ -15,7 +15,11 @@ def register(subparsers) -> None:
     s = subparsers.add_parser("shear", help="Sheared-LLaMA members: targeted structured pruning + continued training")
     s.add_argument("--parent", default=DEFAULT_MODEL)
     s.add_argument("--preset", default="sheared-smollm2",
-                   help="sheared-smollm2 (CPU), llama2-7b-1.3b, llama2-7b-2.7b (TPU scale; give --source per domain)")
+                   help="sheared-smollm2 (CPU), llama2-7b-1.3b, llama2-7b-2.7b (TPU scale; give --source per domain); "
+                        "plrd_jax/configs/sheared/")
+    s.add_argument("--config", default=None, metavar="FILE",
+                   help="a Sheared schedule file in the presets' format (TOML or JSON; replaces --preset); flags "
+                        "override")
     s.add_argument("--out", required=True, help="family directory (may already hold PLRD members)")
     s.add_argument("--target", action="append", default=None,
                    help="LAYERS,HIDDEN,HEADS,KV_HEADS,INTERMEDIATE (repeat for several members; replaces the preset's)")
@@ -60,11 +64,15 @@ def _training_flags(s) -> None:
 def shear_schedule(args, parent_config):
     """The --preset Sheared schedule with the command line's overrides (targets, domains, budgets), checked
     against the parent before any data is read."""
-    from plrd_jax.methods.sheared import PRESETS
+    from plrd_jax.configs import build, load_config
+    from plrd_jax.methods.sheared import PRESETS, ShearSchedule
 
-    if args.preset not in PRESETS:
+    if getattr(args, "config", None):
+        schedule = build(ShearSchedule, load_config(args.config), args.config)
+    elif args.preset not in PRESETS:
         raise ValueError(f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
-    schedule = PRESETS[args.preset]
+    else:
+        schedule = PRESETS[args.preset]
     members = [dataclasses.replace(m, target=m.target.resolve(parent_config),
                                    prune_tokens=m.prune_tokens if args.prune_tokens is None else args.prune_tokens,
                                    continue_tokens=m.continue_tokens if args.continue_tokens is None
