@@ -2,16 +2,16 @@
 
 The names a user needs, in the order of the pipeline (docs/api.md has each with an example):
 
-  model      ModelConfig, LinearSpec, Decoder, init_params, abstract_params, count_params
+  model      ModelConfig, LinearSpec, ConfigError, Decoder, init_params, init_cache, abstract_params, count_params
   load/save  load_model (embedded name, HF dir, GGUF, family member "DIR:N"), save_hf, FamilyStore, load_member
-  data       load_dataset (a corpus tokenized into windows [N, T])
+  data       load_dataset (a corpus tokenized into windows [N, T]: a TokenDataset)
   transforms RankPlan, factorize, reduce_rank, densify, calibrate, compress, allocate_ranks,
              sparse_plus_lowrank, prune
   training   HealConfig, heal
   families   Schedule, Stage, run_family
   evaluation perplexity, generate
 """
-from plrd_jax.data.windows import load_dataset
+from plrd_jax.data.windows import TokenDataset, load_dataset
 from plrd_jax.evaluation.generate import generate
 from plrd_jax.evaluation.perplexity import perplexity
 from plrd_jax.io.hf import save_hf
@@ -32,6 +32,7 @@ from plrd_jax.transforms.prune import prune
 from plrd_jax.transforms.sparse import sparse_plus_lowrank
 
 __all__ = ["ModelConfig", "LinearSpec", "ConfigError", "Decoder", "init_params", "init_cache", "abstract_params",
-           "count_params", "load_model", "save_hf", "FamilyStore", "load_member", "load_dataset", "RankPlan",
+           "count_params", "load_model", "save_hf", "FamilyStore", "load_member", "load_dataset", "TokenDataset",
+           "RankPlan",
            "factorize", "reduce_rank", "densify", "calibrate", "compress", "allocate_ranks", "sparse_plus_lowrank",
            "prune", "HealConfig", "heal", "Schedule", "Stage", "run_family", "perplexity", "generate"]

@@ -196,13 +196,14 @@ class TokenDataset:
         return batches(self.windows, batch_size, seed, start_step, num_steps)
 
 
-def load_dataset(source: str, tokenizer: Tokenizer, seq_len: int, data_dir: str | Path | None = None,
+def load_dataset(source: str | os.PathLike, tokenizer: Tokenizer, seq_len: int, data_dir: str | Path | None = None,
                  text_field: str = "text", max_windows: int | None = None,
                  cache_dir: str | Path | None = None) -> TokenDataset:
     """Source `source` tokenized and packed into windows of `seq_len` (the first `max_windows` of them).
 
     Streamed (`tfds:`) sources need `max_windows`: only as many documents are read as fill that many windows.
     """
+    source = os.fspath(source)  # a pathlib.Path names a local file like its string
     _check_seq_len(seq_len)
     if max_windows is not None and max_windows < 1:
         raise DataError(f"max_windows {max_windows} must be >= 1")

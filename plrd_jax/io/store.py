@@ -79,6 +79,15 @@ def _quiet_absl(quiet: bool):
 
 
 class FamilyStore:
+    """A whole family in one Orbax directory, one checkpoint per step id (docs/store.md has the layout).
+
+    save(step, params, metadata, opt_state=None) writes a step (JSON metadata beside the arrays); steps() lists
+    the finished ones; metadata(step) and restore(step, abstract_params, abstract_opt_state=None) read one back
+    (placed like the abstract arrays' shardings); members() / find_member("2" or "plrd-60%") give the final
+    members' metadata. Final members are always kept; of the other (periodic) checkpoints the newest
+    `keep_latest`. Opening for writing removes the temporary folders of an interrupted save.
+    """
+
     def __init__(self, directory: str | os.PathLike, keep_latest: int = 2, read_only: bool = False):
         self.directory = os.path.abspath(os.fspath(directory))
         if read_only and not os.path.isdir(self.directory):

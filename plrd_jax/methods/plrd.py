@@ -48,6 +48,12 @@ class Stage:
     rank_fraction: float | None = None
     heal_tokens: int = 0
 
+    def __post_init__(self):
+        rules = [n for n in ("budget_fraction", "rank", "rank_fraction") if getattr(self, n) is not None]
+        if len(rules) != 1:
+            raise ValueError(f"stage {self.name!r} needs exactly one of budget_fraction, rank, rank_fraction; "
+                             f"got {', '.join(rules) or 'none'}")
+
     def plan(self, parent_params: int, matrices=("attn", "mlp"), multiple_of: int = 1) -> RankPlan:
         if self.budget_fraction is not None:
             return RankPlan(matrices, budget=int(round(self.budget_fraction * parent_params)),
@@ -59,6 +65,10 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
+    """A family: its members (`stages`, in order), how each is cut (progressive from the healed previous member
+    or one-shot from the parent; method, decomposition, allocation) and healed (batch_size × seq_len windows,
+    `heal`, teacher). Presets are files in plrd_jax/configs/family/."""
+
     stages: tuple[Stage, ...]
     progressive: bool = True
     matrices: tuple[str, ...] = ("attn", "mlp")

@@ -258,6 +258,8 @@ def _layer_masks(masks: dict, i: int) -> dict:
 
 
 def init_cache(config: ModelConfig, batch: int, length: int) -> Cache:
+    """An empty KV cache for decoding up to `length` positions: per layer {"k", "v"} zeros of shape
+    (batch, length, num_kv_heads, head_dim) in the compute dtype (`Decoder.apply(..., cache=, position=)`)."""
     shape = (batch, length, config.num_kv_heads, config.head_dim_)
     return [{"k": jnp.zeros(shape, config.jnp_dtype), "v": jnp.zeros(shape, config.jnp_dtype)}
             for _ in range(config.num_layers)]

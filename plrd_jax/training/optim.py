@@ -12,7 +12,8 @@ from plrd_jax.nn.config import DTYPES
 
 @dataclasses.dataclass(frozen=True)
 class HealConfig:
-    """Hyper-parameters of one healing run. One step sees grad_accum × B × T tokens."""
+    """Hyper-parameters of one healing run. One step sees grad_accum × B × T tokens. The learning rate warms up
+    linearly from 0 (so step 0 makes no update when warmup_steps > 0), then decays by a cosine."""
 
     lr: float = 2e-4
     warmup_steps: int = 10

@@ -13,8 +13,10 @@ def compress(params, plan: RankPlan, config=None, *, allocation: str = "uniform"
     """One member from `params` (dense or factorized): the plan's matrices at its size, ranks chosen by
     `allocation` (non-uniform ones need `plan.budget`), factors by `plan.decomposition` (`reduce_rank`).
 
-    Returns (params, config, report), report = {"decomposition", "allocation", "ranks_by_layer", "scalings"
-    (how many matrices used each input scaling, e.g. {"cholesky (damping 1e-06)": 210})}.
+    Returns (params, config, report), report = {"decomposition", "allocation", "ranks_by_layer"}, plus
+    "scalings" (how many matrices used each input scaling, e.g. {"cholesky (damping 1e-06)": 210}) when the
+    decomposition needs statistics or the allocation is not uniform, and "solver" / "sensitivity" for a
+    non-uniform allocation.
     """
     decomposition = plan.decomposition
     if allocation != "uniform" and plan.budget is None:
