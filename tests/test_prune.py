@@ -101,3 +101,18 @@ def test_masks_that_break_the_model_shape_are_refused():
         pruned_shape(dict(ones, z_layer=np.ones(3)), GQA)
     with pytest.raises(PruneError, match="keep no layer"):
         pruned_shape(dict(ones, z_layer=np.zeros(4)), GQA)
+
+
+def test_sltrain_matrices_are_refused_and_numpy_params_stay_numpy():
+    """The slicing goes through transforms.units (decoder_units): SLTrain is still refused by name, and a numpy
+    (host) tree is pruned to numpy arrays as before."""
+    from plrd_jax.nn.config import LinearSpec
+    config = MHA.with_linears({"layers_1/mlp/up": LinearSpec("sltrain", rank=4, nnz=32, alpha=8.0)})
+    ones = {name: np.ones(shape, np.float32) for name, shape in M.mask_shapes(MHA).items()}
+    with pytest.raises(PruneError, match="layers_1/mlp/up is an SLTrain matrix"):
+        prune(init_params(config, seed=0), config, ones)
+    params = jax.tree.map(np.asarray, perturbed(init_params(MHA, seed=0)))
+    masks = M.deterministic(random_log_alpha(MHA), MHA, M.TargetShape(3, 40, 3, 40).resolve(MHA))
+    small_params, small_config = prune(params, MHA, masks)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(small_params))
+    np.testing.assert_allclose(logits(small_config, small_params), logits(MHA, params, masks), rtol=2e-5, atol=2e-5)

@@ -52,8 +52,8 @@ class RMSNorm(nn.Module):
 def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """cos and signed sin of the rotary angles, (B, T, 1, head_dim) each, HF "rotate half" layout: the sin of
     the first half is negated, so that `rope` needs no negation. Computed once per forward and shared by every
-    layer: computed inside each layer, XLA fused the cos and sin into every rotated element (1.5 ms of each
-    layer's 4 × 256 forward on a CPU)."""
+    layer: computed inside each layer, XLA fused the cos and sin into every rotated element, recomputing them
+    (docs/performance.md)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, hd/2)
     sin = jnp.sin(angles)
@@ -65,7 +65,7 @@ def rope(x: jax.Array, cos: jax.Array, signed_sin: jax.Array) -> jax.Array:
     """Rotary embedding of x (B, T, heads, hd) by the tables of `rotary_tables`: x·cos + (x2, x1)·(-sin, sin).
     The halves are swapped by reversing a (2, hd/2) axis rather than by concatenating them: XLA:CPU fuses the
     rotation into the attention's head-first transposes and block slices, and a fused concatenate (a per-element
-    select) made those copies several times slower (1.2–1.5 ms of each layer's 4 × 256 forward)."""
+    select) made those copies several times slower (docs/performance.md)."""
     swapped = jnp.flip(x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2), axis=-2).reshape(x.shape)
     return x * cos.astype(x.dtype) + swapped * signed_sin.astype(x.dtype)
 
@@ -123,13 +123,12 @@ def masked_attention(q, k, v, positions, k_pos, z_head, dtype, blocks: int = 1):
     k_pos[s] <= positions[t]; softmax in float32; each query head scaled by z_head (H,) if given.
 
     Returns (B, T, KV, H/KV, hd). Heads go first and each kv head's H/KV query heads are stacked along the query
-    axis, so both products are plain (G·T × hd) · (hd × S) matmuls batched over (B, KV): on a CPU this runs the
-    attention core about 1.7× faster than batching over the query groups as well.
+    axis, so both products are plain (G·T × hd) · (hd × S) matmuls batched over (B, KV): on a CPU this is faster
+    than batching over the query groups as well (docs/performance.md).
 
     blocks > 1 splits the queries into that many equal blocks, block i attending to the first (i + 1)·T/blocks
     keys only. That is exact when no query sees a later key (q and k the same sequence with increasing positions,
-    as without a cache) and skips the fully masked products: 4 blocks of a 4 × 256 sequence do 10/16 of the work
-    and run the attention core 1.45× faster on a CPU.
+    as without a cache) and skips the fully masked products: 4 blocks do 10/16 of the work of one.
     """
     B, T, H, hd = q.shape
     KV = k.shape[2]

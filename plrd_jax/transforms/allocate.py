@@ -88,6 +88,9 @@ def matrix_options(params, paths, multiple_of: int = 1, sparse_density: float = 
     out = []
     for path in paths:
         m = matrices[path]
+        if m.count > 1 or m.view.transposed or "kernel" not in node_at(params, path) and m.rank is None:
+            raise PlanError(f"{path} is a stack of {m.count} matrices or not a flax kernel: non-uniform allocation "
+                            "reads single 2-D matrices; give it a rank, fraction or budget plan instead")
         kept = m.size
         extra = 2 * sparse_nnz(m.d_in, m.d_out, sparse_density)
         top = min(m.d_in, m.d_out) if m.rank is None else m.rank

@@ -24,7 +24,9 @@ import jax.numpy as jnp
 from plrd_jax.nn.config import LinearSpec, ModelConfig
 from plrd_jax.transforms.decompositions import (Decomposition, as_decomposition, check_stats, decomposed_factors,
                                                 reduced_factors, truncate)
-from plrd_jax.transforms.plan import PlanError, RankPlan, check_ranks, is_matrix, resolve_ranks, singular_values
+from plrd_jax.transforms.plan import PlanError, RankPlan, check_ranks, resolve_ranks, singular_values
+from plrd_jax.transforms.views import (Matrix, MatrixView, batched, factor_stacks, find_matrices, kernel_stack,
+                                      write_factors, write_kernel)
 
 __all__ = ["svd_factors", "reduce_factors", "singular_values", "factorize", "reduce_rank", "densify"]
 
@@ -59,18 +61,13 @@ def reduce_factors(a: jax.Array, b: jax.Array, r: int) -> tuple[jax.Array, jax.A
             _matmul(root[:, None] * vt[:r], q_b.T).astype(b.dtype))
 
 
-def _map_matrices(params, fn, path=""):
-    """A copy of the tree with every matrix dict `node` at `path` replaced by fn(path, node)."""
-    if is_matrix(params):
+def _map_matrices(params, fn, matrices: Mapping[str, Matrix], path=""):
+    """A copy of the tree with every matrix node at a path of `matrices` replaced by fn(path, node)."""
+    if path in matrices:
         return fn(path, params)
     if isinstance(params, Mapping):
-        return {k: _map_matrices(v, fn, f"{path}/{k}" if path else str(k)) for k, v in params.items()}
+        return {k: _map_matrices(v, fn, matrices, f"{path}/{k}" if path else str(k)) for k, v in params.items()}
     return params
-
-
-def _with_weights(node, **weights):
-    """`node` with its weights (kernel, or A and B) replaced by `weights`; bias and the rest kept."""
-    return {**{k: v for k, v in node.items() if k not in ("kernel", "A", "B")}, **weights}
 
 
 def _check_kinds(config: ModelConfig | None, paths):
@@ -90,77 +87,104 @@ def _decomposition(plan, decomposition, stats, paths) -> Decomposition:
     return decomposition
 
 
-def _apply_ranks(params, ranks: Mapping[str, int], config: ModelConfig | None,
+def _views(plan, views) -> dict | None:
+    return dict(views) if views is not None else (dict(plan.views) if isinstance(plan, RankPlan) else None)
+
+
+def _apply_ranks(params, ranks: Mapping[str, int], config: ModelConfig | None, matrices: Mapping[str, Matrix],
                  decomposition: Decomposition = Decomposition(), stats=None, spectra=None):
     plain = decomposition.method == "svd"
 
     def new_node(path, node):
         if path not in ranks:
             return node
-        r = ranks[path]
+        m, r = matrices[path], ranks[path]
+        dtype = node["A" if m.rank is not None else "weight" if m.view.transposed else "kernel"].dtype
         if spectra is not None and path in spectra:  # precomputed by the same decomposition
-            a, b = truncate(spectra[path], r, node["kernel" if "kernel" in node else "A"].dtype)
-        elif "kernel" in node:
-            a, b = svd_factors(node["kernel"], r) if plain else decomposed_factors(node["kernel"], r, decomposition,
-                                                                                  stats[path])
+            a, b = truncate(spectra[path], r, dtype)
+            return write_factors(node, m, a[None], b[None])
+        if not plain and m.count > 1:
+            raise PlanError(f"{path}: decomposition {decomposition.method!r} on a stack of {m.count} matrices needs "
+                            "per-slice statistics, which calibration does not give yet; use svd")
+        if m.rank is None:
+            k3 = kernel_stack(node, m)
+            if plain:
+                a, b = batched(lambda k: svd_factors(k, r))(k3)
+            else:
+                a, b = decomposed_factors(k3[0], r, decomposition, stats[path])
+                a, b = a[None], b[None]
         else:
-            a, b = (reduce_factors(node["A"], node["B"], r) if plain else
-                    reduced_factors(node["A"], node["B"], r, decomposition, stats[path]))
-        return _with_weights(node, A=a, B=b)
+            a3, b3 = factor_stacks(node, m)
+            if plain:
+                a, b = batched(lambda x, y: reduce_factors(x, y, r))(a3, b3)
+            else:
+                a, b = reduced_factors(a3[0], b3[0], r, decomposition, stats[path])
+                a, b = a[None], b[None]
+        return write_factors(node, m, a, b)
 
-    new_params = _map_matrices(params, new_node)
+    new_params = _map_matrices(params, new_node, matrices)
     if config is None:
         return new_params, None
     return new_params, config.with_linears({p: LinearSpec("lowrank", rank=r) for p, r in ranks.items()})
 
 
 def factorize(params, plan: RankPlan | Mapping[str, int], config: ModelConfig | None = None, *,
-              stats=None, decomposition: str | Decomposition | None = None, spectra=None):
+              stats=None, decomposition: str | Decomposition | None = None, spectra=None,
+              views: Mapping[str, MatrixView] | None = None):
     """Each selected dense kernel K -> A, B of `svd_factors` at its planned rank (bias untouched), or of the
     plan's (or `decomposition`'s) method with calibration `stats` (path -> MatrixStats; see module docstring).
 
     plan: a `RankPlan`, or a ranks dict path -> r applied exactly as given (even where it saves nothing).
     spectra: path -> `Spectrum` already computed with the same decomposition (e.g. by `allocate_ranks`'s
     caller); those matrices are truncated from it instead of being decomposed again.
+    views: {glob: MatrixView} for N-D / stacked kernels the defaults do not read (default: the plan's).
+    A stacked or N-D kernel S + I + O becomes A (S + I + (r,)), B (S + (r,) + O), each slice's truncated SVD.
     Returns (params, config) with `LinearSpec("lowrank", rank=r)` for each factorized path (None if no config).
     """
+    views = _views(plan, views)
     ranks = dict(plan) if isinstance(plan, Mapping) else resolve_ranks(params, plan)
-    matrices = check_ranks(params, ranks)
+    matrices = check_ranks(params, ranks, views)
     for path in ranks:
         if matrices[path].rank is not None:
             raise PlanError(f"{path} is already factorized (rank {matrices[path].rank}); lower it with reduce_rank")
     _check_kinds(config, ranks)
-    return _apply_ranks(params, ranks, config, _decomposition(plan, decomposition, stats, ranks), stats, spectra)
+    return _apply_ranks(params, ranks, config, matrices, _decomposition(plan, decomposition, stats, ranks), stats,
+                        spectra)
 
 
 def reduce_rank(params, plan: RankPlan | Mapping[str, int], config: ModelConfig | None = None, *,
-                stats=None, decomposition: str | Decomposition | None = None, spectra=None):
+                stats=None, decomposition: str | Decomposition | None = None, spectra=None,
+                views: Mapping[str, MatrixView] | None = None):
     """Factorized matrices -> the planned lower rank by `reduce_factors` (A B is never formed), or by the
     chosen decomposition's re-truncation of A B with `stats`; dense ones selected by the plan are factorized,
     so a stage can widen the set. Returns (params, config) as `factorize` (spectra: as there).
     """
+    views = _views(plan, views)
     ranks = dict(plan) if isinstance(plan, Mapping) else resolve_ranks(params, plan)
-    check_ranks(params, ranks)
+    matrices = check_ranks(params, ranks, views)
     _check_kinds(config, ranks)
-    return _apply_ranks(params, ranks, config, _decomposition(plan, decomposition, stats, ranks), stats, spectra)
+    return _apply_ranks(params, ranks, config, matrices, _decomposition(plan, decomposition, stats, ranks), stats,
+                        spectra)
 
 
-def densify(params, config: ModelConfig | None = None):
-    """Every factorized matrix -> kernel = A B (float32 or wider, cast back); config's linears reset to dense.
+def densify(params, config: ModelConfig | None = None, views: Mapping[str, MatrixView] | None = None):
+    """Every factorized matrix -> kernel = A B per slice (float32 or wider, cast back), shaped S + I + O;
+    config's linears reset to dense. A view with `transposed=True` writes a 2-D `weight` (d_out, d_in) instead.
 
     Without a config every A, B pair is taken to be lowrank; with one, cola/sltrain linears are left alone.
     """
-    dense_paths = []
+    matrices, dense_paths = find_matrices(params, views), []
 
     def new_node(path, node):
-        if "kernel" in node or (config is not None and config.linear(path).kind != "lowrank"):
+        m = matrices[path]
+        if m.rank is None or (config is not None and config.linear(path).kind != "lowrank"):
             return node
         dense_paths.append(path)
-        a, b = node["A"], node["B"]
-        kernel = _matmul(a.astype(_compute_dtype(a)), b.astype(_compute_dtype(b))).astype(a.dtype)
-        return _with_weights(node, kernel=kernel)
+        a3, b3 = factor_stacks(node, m)
+        k3 = _matmul(a3.astype(_compute_dtype(a3)), b3.astype(_compute_dtype(b3))).astype(a3.dtype)
+        return write_kernel(node, m, k3, transposed=m.view.transposed)
 
-    new_params = _map_matrices(params, new_node)
+    new_params = _map_matrices(params, new_node, matrices)
     if config is None:
         return new_params, None
     return new_params, config.with_linears({p: LinearSpec() for p in dense_paths})

@@ -1,8 +1,9 @@
 """Rank plans: which matrices of a param tree get which rank.
 
-A *matrix* is any dict in a nested param tree that holds a 2-D `kernel (d_in, d_out)` or the factors
-`A (d_in, r)`, `B (r, d_out)` of `K = A B` (its rank is `A.shape[1]`; a dict that also holds sparse `values`
-is an SLTrain linear, not a matrix). It is addressed by its '/'-joined path, e.g. "layers_3/attn/q".
+A *matrix* is a dict in a nested param tree holding a `kernel`, a `weight` or the factors `A`, `B` of K = A B
+(views.py: which nodes are matrices, N-D and stacked kernels, what is skipped and why). It is addressed by
+its '/'-joined path, e.g. "layers_3/attn/q"; a stacked node (scanned layers) is one matrix of `count` slices
+that share one rank.
 A `RankPlan` is data; `resolve_plan` turns it into concrete ranks from the tree's shapes alone (and, for an
 `energy` plan, from the singular values), so it works on any nested dict and on `jax.eval_shape` output.
 """
@@ -21,6 +22,8 @@ import numpy as np
 
 from plrd_jax.nn.accounting import count_params
 from plrd_jax.transforms.decompositions import Decomposition, as_decomposition
+from plrd_jax.transforms.views import (Matrix, MatrixView, factor_stacks, find_matrices,  # noqa: F401
+                                      kernel_stack, scan_tree)
 
 # Group name -> regex over paths. Our decoder's names; any other tree uses globs or "re:" patterns.
 GROUPS = {
@@ -64,9 +67,12 @@ class RankPlan:
     multiple_of: int = 1
     rounding: str = "down"
     decomposition: str | Decomposition = "svd"
+    views: tuple[tuple[str, MatrixView], ...] = ()  # (glob, MatrixView) pairs overriding views.default_view
 
     def __post_init__(self):
         object.__setattr__(self, "decomposition", as_decomposition(self.decomposition))
+        views = self.views.items() if isinstance(self.views, Mapping) else self.views
+        object.__setattr__(self, "views", tuple((p, MatrixView(*v)) for p, v in views))
         for name in ("matrices", "exclude"):
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
@@ -87,16 +93,6 @@ class RankPlan:
             raise PlanError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
 
 
-class Matrix(NamedTuple):
-    d_in: int
-    d_out: int
-    rank: int | None  # None: a dense kernel
-
-    @property
-    def size(self) -> int:
-        return self.d_in * self.d_out if self.rank is None else self.rank * (self.d_in + self.d_out)
-
-
 class MatrixPlan(NamedTuple):
     """One row of a resolved plan. action: "factorize" (dense -> A, B), "reduce" (lower rank) or "keep"."""
 
@@ -108,59 +104,36 @@ class MatrixPlan(NamedTuple):
     reason: str = ""
 
 
-def _is_2d(node, key) -> bool:
-    return len(getattr(node.get(key), "shape", ())) == 2
-
-
-def is_matrix(node) -> bool:
-    """A dict holding a 2-D kernel, or 2-D factors A, B (without SLTrain's sparse values)."""
-    if not isinstance(node, Mapping):
-        return False
-    return _is_2d(node, "kernel") or (_is_2d(node, "A") and _is_2d(node, "B") and "values" not in node)
-
-
-def find_matrices(params) -> dict[str, Matrix]:
-    """Every matrix of a nested dict, in tree order: path -> (d_in, d_out, rank or None)."""
-    found = {}
-
-    def walk(node, path):
-        if is_matrix(node):
-            if "kernel" in node:
-                found[path] = Matrix(*node["kernel"].shape, None)
-            else:
-                found[path] = Matrix(node["A"].shape[0], node["B"].shape[1], node["A"].shape[1])
-        elif isinstance(node, Mapping):
-            for key, child in node.items():
-                walk(child, f"{path}/{key}" if path else str(key))
-
-    walk(params, "")
-    return found
-
-
-def select(paths, patterns) -> list[str]:
-    """Paths matched by any pattern (group name, "re:<regex>" or glob); each pattern must match something."""
+def select(paths, patterns, skipped: Mapping[str, str] | None = None) -> list[str]:
+    """Paths matched by any pattern (group name, "re:<regex>" or glob); each pattern must match something.
+    A pattern that matches only `skipped` nodes (path -> reason) names them and the reason."""
     chosen = set()
     for pattern in patterns:
         if pattern in GROUPS or pattern.startswith("re:"):
             regex = re.compile(GROUPS.get(pattern) or pattern[3:])
-            hits = {p for p in paths if regex.fullmatch(p)}
+            match = regex.fullmatch
         else:
-            hits = {p for p in paths if fnmatch.fnmatchcase(p, pattern)}
+            match = lambda p, pattern=pattern: fnmatch.fnmatchcase(p, pattern)  # noqa: E731
+        hits = {p for p in paths if match(p)}
         if not hits:
+            near = [f"{p} ({why})" for p, why in (skipped or {}).items() if match(p)]
+            if near:
+                raise PlanError(f"pattern {pattern!r} matches no matrix; it matches {'; '.join(near[:3])}")
             shown = ", ".join(list(paths)[:4]) + (", ..." if len(paths) > 4 else "")
-            raise PlanError(f"pattern {pattern!r} matches no matrix (matrices are e.g. {shown})")
+            raise PlanError(f"pattern {pattern!r} matches no matrix (matrices are e.g. {shown or 'none'})")
         chosen |= hits
     return [p for p in paths if p in chosen]
 
 
 def singular_values(k_or_a: jax.Array, b: jax.Array | None = None) -> jax.Array:
-    """Singular values (descending, float32 or wider) of K, or of A B without forming it: σ(R_A R_Bᵀ)."""
+    """Singular values (descending, float32 or wider) of K, or of A B without forming it: σ(R_A R_Bᵀ).
+    Leading axes of 3-D inputs are slices: one row of singular values each."""
     dtype = jnp.promote_types(k_or_a.dtype, jnp.float32)
     if b is None:
         return jnp.linalg.svd(k_or_a.astype(dtype), compute_uv=False)
     r_a = jnp.linalg.qr(k_or_a.astype(dtype), mode="r")
-    r_b = jnp.linalg.qr(b.T.astype(dtype), mode="r")
-    return jnp.linalg.svd(jnp.matmul(r_a, r_b.T, precision="highest"), compute_uv=False)
+    r_b = jnp.linalg.qr(jnp.swapaxes(b, -1, -2).astype(dtype), mode="r")
+    return jnp.linalg.svd(jnp.matmul(r_a, jnp.swapaxes(r_b, -1, -2), precision="highest"), compute_uv=False)
 
 
 def node_at(params, path: str):
@@ -176,21 +149,25 @@ def _rounded(x: float, full: int, plan: RankPlan) -> int:
     return min(max(multiples, 1) * step, full)
 
 
-def _energy_rank(node, energy: float) -> int:
-    sv = singular_values(node["kernel"]) if "kernel" in node else singular_values(node["A"], node["B"])
+def _energy_rank(node, m: Matrix, energy: float) -> int:
+    """The smallest r with Σ_{i<r} σ_i² ≥ energy · Σ σ_i² in every slice of the node (the largest slice's r)."""
+    if m.rank is None:
+        sv = singular_values(kernel_stack(node, m))
+    else:
+        sv = singular_values(*factor_stacks(node, m))
     try:
-        sq = np.asarray(sv, np.float64) ** 2
+        sq = np.asarray(sv, np.float64).reshape(m.count, -1) ** 2
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         raise PlanError("an energy plan needs concrete singular values: resolve it outside jit "
                         "(resolve_ranks) and pass the ranks dict") from None
-    kept = np.cumsum(sq) / sq.sum()
-    return int(np.searchsorted(kept, energy - 1e-12) + 1)
+    kept = np.cumsum(sq, axis=1) / sq.sum(axis=1, keepdims=True)
+    return int(max(np.searchsorted(row, energy - 1e-12) + 1 for row in kept))
 
 
 def _size_after(m: Matrix, r: int) -> int:
     if m.rank is None:
-        return r * (m.d_in + m.d_out) if r * (m.d_in + m.d_out) < m.d_in * m.d_out else m.size
-    return min(r, m.rank) * (m.d_in + m.d_out)
+        return m.count * r * (m.d_in + m.d_out) if r * (m.d_in + m.d_out) < m.d_in * m.d_out else m.size
+    return m.count * min(r, m.rank) * (m.d_in + m.d_out)
 
 
 def _budget_ranks(params, matrices: dict[str, Matrix], selected: list[str], plan: RankPlan) -> dict[str, int]:
@@ -231,11 +208,13 @@ def _budget_ranks(params, matrices: dict[str, Matrix], selected: list[str], plan
 
 def resolve_plan(params, plan: RankPlan) -> tuple[MatrixPlan, ...]:
     """The plan made concrete: one row per selected matrix, saying what happens to it and why."""
-    matrices = find_matrices(params)
+    matrices, skipped = scan_tree(params, dict(plan.views))
     if not matrices:
-        raise PlanError("params hold no matrix (a dict with a 2-D 'kernel' or factors 'A', 'B')")
-    excluded = set(select(list(matrices), plan.exclude))
-    selected = [p for p in select(list(matrices), plan.matrices) if p not in excluded]
+        why = "; ".join(f"{p}: {r}" for p, r in list(skipped.items())[:3])
+        raise PlanError("params hold no matrix (a dict with a 'kernel', 'weight' or factors 'A', 'B')"
+                        + (f"; skipped {why}" if why else ""))
+    excluded = set(select(list(matrices), plan.exclude, skipped))
+    selected = [p for p in select(list(matrices), plan.matrices, skipped) if p not in excluded]
     budget_ranks = _budget_ranks(params, matrices, selected, plan) if plan.budget is not None else {}
     rows = []
     for path in selected:
@@ -246,7 +225,7 @@ def resolve_plan(params, plan: RankPlan) -> tuple[MatrixPlan, ...]:
                 raise PlanError(f"rank {plan.rank} for {path} exceeds min({m.d_in}, {m.d_out})")
             r = plan.rank
         elif plan.energy is not None:
-            r = _rounded(_energy_rank(node_at(params, path), plan.energy), full, plan)
+            r = _rounded(_energy_rank(node_at(params, path), m, plan.energy), full, plan)
         elif plan.budget is not None:
             r = budget_ranks[path]
         else:
@@ -270,10 +249,13 @@ def resolve_ranks(params, plan: RankPlan) -> dict[str, int]:
     return {row.path: row.target for row in resolve_plan(params, plan) if row.action != "keep"}
 
 
-def check_ranks(params, ranks: Mapping[str, int]) -> dict[str, Matrix]:
+def check_ranks(params, ranks: Mapping[str, int], views: Mapping[str, MatrixView] | None = None
+                ) -> dict[str, Matrix]:
     """Raise PlanError unless every path is a matrix and 0 < rank <= min(d_in, d_out) (and <= its current rank)."""
-    matrices = find_matrices(params)
+    matrices, skipped = scan_tree(params, views)
     for path, r in ranks.items():
+        if path in skipped:
+            raise PlanError(f"{path!r} is not a matrix: it {skipped[path]}")
         if path not in matrices:
             raise PlanError(f"{path!r} is not a matrix of these params")
         m = matrices[path]
@@ -286,8 +268,8 @@ def check_ranks(params, ranks: Mapping[str, int]) -> dict[str, Matrix]:
     return matrices
 
 
-def predict_param_count(params, ranks: Mapping[str, int]) -> int:
+def predict_param_count(params, ranks: Mapping[str, int], views: Mapping[str, MatrixView] | None = None) -> int:
     """Parameter count of the whole tree after applying `ranks` (path -> rank), without building it."""
-    matrices = check_ranks(params, ranks)
-    return count_params(params) + sum(r * (matrices[p].d_in + matrices[p].d_out) - matrices[p].size
-                                      for p, r in ranks.items())
+    matrices = check_ranks(params, ranks, views)
+    return count_params(params) + sum(matrices[p].count * r * (matrices[p].d_in + matrices[p].d_out)
+                                      - matrices[p].size for p, r in ranks.items())

@@ -15,6 +15,13 @@ weights, so that the pruned model computes exactly what `Decoder(config)(tokens,
 Each matrix may be dense (`kernel`) or factorized (`A`, `B`; lowrank or CoLA): rows are taken from K or A,
 columns from K or B, and the rank is left alone. SLTrain matrices (a fixed sparse support) are refused.
 Masks must be concrete (not traced): the output shapes depend on their values.
+
+How: `prune` is three steps. (1) Layer removal and renumbering (z_layer) is a restructuring of the tree, not a
+slice of an axis, so it stays here. (2) All slicing goes through the generic unit description
+(plrd_jax/transforms/units.py): `decoder_units(config, kept layers)` with the keep masks `decoder_keep` derives
+from the z masks (kv head g kept iff its group keeps a query head). (3) Folding the kept mask values z into the
+weights is a scale, not a slice, so it stays here: the `Cut` scales of `prune_cuts`, applied to what is kept.
+`prune_cuts` / `apply_cut` remain the per-tensor form of the same result (streamed pruning).
 """
 from __future__ import annotations
 
@@ -24,10 +31,9 @@ import numpy as np
 
 from plrd_jax.nn.config import ModelConfig
 from plrd_jax.nn.masks import mask_shapes
+from plrd_jax.transforms.units import PruneError, decoder_units, prune_units
 
-
-class PruneError(ValueError):
-    """Masks that do not describe a valid smaller model of the given config."""
+__all__ = ["Cut", "PruneError", "apply_cut", "decoder_keep", "prune", "prune_cuts", "pruned_shape"]
 
 
 def _kept(z: np.ndarray) -> np.ndarray:
@@ -184,21 +190,48 @@ def prune_cuts(config: ModelConfig, masks: dict) -> tuple[dict[tuple[str, ...], 
     return cuts, new_config.with_linears(linears)
 
 
+def decoder_keep(config: ModelConfig, masks: dict) -> dict[str, np.ndarray]:
+    """The keep masks of `decoder_units(config)` (plrd_jax/transforms/units.py) that the z masks imply, for the
+    layers they keep (a dropped layer gets none): hidden = z_hidden ≠ 0; per kept layer i heads = z_head[i] ≠ 0,
+    kv_heads[g] = any(heads of group g) and channels = z_int[i] ≠ 0. A missing z mask keeps its units."""
+    z = _check_masks(masks, config)
+    keep = {"hidden": z["z_hidden"] != 0} if "z_hidden" in z else {}
+    for i in _kept_layers(z, config):
+        if "z_head" in z:
+            heads = z["z_head"][i] != 0
+            keep[f"layers_{i}/heads"] = heads
+            keep[f"layers_{i}/kv_heads"] = heads.reshape(config.num_kv_heads, -1).any(axis=1)
+        if "z_int" in z:
+            keep[f"layers_{i}/channels"] = z["z_int"][i] != 0
+    return keep
+
+
+def _kept_layers(z: dict[str, np.ndarray], config: ModelConfig) -> np.ndarray:
+    return _kept(z["z_layer"]) if "z_layer" in z else np.arange(config.num_layers)
+
+
 def prune(params, config: ModelConfig, masks: dict) -> tuple[dict, ModelConfig]:
     """(params, config) of the smaller dense-shaped model equal in function to `config` run with `masks`.
 
     masks: any of z_layer [L], z_head [L, H], z_int [L, m], z_hidden [d] (a missing one keeps everything).
-    The new config states head_dim explicitly and keeps each surviving matrix's LinearSpec.
+    The new config states head_dim explicitly and keeps each surviving matrix's LinearSpec. Layers are dropped
+    here, the slicing is `prune_units(decoder_units(...), decoder_keep(...))` and the kept mask values are
+    folded in by the cuts' scales (module docstring); the result equals applying each `Cut` whole.
     """
-    cuts, new_config = prune_cuts(config, masks)
+    cuts, new_config = prune_cuts(config, masks)  # checks the masks: the model-shape errors come first
+    layers = _kept_layers(_check_masks(masks, config), config)
+    kept = {f"layers_{i}" for i in layers}
+    present = {key: node for key, node in params.items() if not key.startswith("layers_") or key in kept}
+    sliced = prune_units(present, decoder_units(config, layers), decoder_keep(config, masks))
     out: dict = {}
     for old, cut in cuts.items():
-        node = params
+        node = sliced
         for key in old:
             node = node[key]
         target = out
         for key in cut.path:
             target = target.setdefault(key, {})
+        scale_only = dataclasses.replace(cut, rows=None, cols=None)
         for leaf, x in node.items():
-            target[leaf] = apply_cut(leaf, x, cut)
+            target[leaf] = apply_cut(leaf, x, scale_only)
     return out, new_config
