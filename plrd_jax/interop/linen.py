@@ -262,8 +262,8 @@ def lowrank_scope():
     """While active, every Dense/DenseGeneral applied with A, B params computes x A B (+ bias).
 
     For calls `lowrank_linen` does not cover, e.g. `with lowrank_scope(): model.apply(p, x, method=model.encode)`.
-    It acts when flax traces the call: wrap the traced function (jit the whole `with` block's function, not
-    a function jitted before entering it)."""
+    It acts while flax traces: a function jitted elsewhere must be traced (first called with a factorized
+    tree) inside the scope; its trace then keeps the low-rank computation, as a dense tree's needs none."""
     with nn.intercept_methods(lowrank_interceptor):
         yield
 

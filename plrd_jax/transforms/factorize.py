@@ -25,6 +25,7 @@ from plrd_jax.nn.config import LinearSpec, ModelConfig
 from plrd_jax.transforms.decompositions import (Decomposition, as_decomposition, check_stats, decomposed_factors,
                                                 reduced_factors, truncate)
 from plrd_jax.transforms.plan import PlanError, RankPlan, check_ranks, resolve_ranks, singular_values
+from plrd_jax.transforms.sharded import gram_factors, gram_reduce, place_like
 from plrd_jax.transforms.views import (Matrix, MatrixView, batched, factor_stacks, find_matrices, kernel_stack,
                                       write_factors, write_kernel)
 
@@ -92,12 +93,16 @@ def _views(plan, views) -> dict | None:
 
 
 def _apply_ranks(params, ranks: Mapping[str, int], config: ModelConfig | None, matrices: Mapping[str, Matrix],
-                 decomposition: Decomposition = Decomposition(), stats=None, spectra=None):
+                 decomposition: Decomposition = Decomposition(), stats=None, spectra=None, gram: bool = False):
     plain = decomposition.method == "svd"
+    if gram and not plain:
+        raise PlanError(f"gram=True computes plain SVD factors; decomposition {decomposition.method!r} needs its own")
+    factor, reduce = (gram_factors, gram_reduce) if gram else (svd_factors, reduce_factors)
 
     def new_node(path, node):
-        if path not in ranks:
-            return node
+        return place_like(node, matrices[path], _new_weights(path, node), rank_axis=None) if path in ranks else node
+
+    def _new_weights(path, node):
         m, r = matrices[path], ranks[path]
         dtype = node["A" if m.rank is not None else "weight" if m.view.transposed else "kernel"].dtype
         if spectra is not None and path in spectra:  # precomputed by the same decomposition
@@ -109,14 +114,14 @@ def _apply_ranks(params, ranks: Mapping[str, int], config: ModelConfig | None, m
         if m.rank is None:
             k3 = kernel_stack(node, m)
             if plain:
-                a, b = batched(lambda k: svd_factors(k, r))(k3)
+                a, b = batched(lambda k: factor(k, r))(k3)
             else:
                 a, b = decomposed_factors(k3[0], r, decomposition, stats[path])
                 a, b = a[None], b[None]
         else:
             a3, b3 = factor_stacks(node, m)
             if plain:
-                a, b = batched(lambda x, y: reduce_factors(x, y, r))(a3, b3)
+                a, b = batched(lambda x, y: reduce(x, y, r))(a3, b3)
             else:
                 a, b = reduced_factors(a3[0], b3[0], r, decomposition, stats[path])
                 a, b = a[None], b[None]
@@ -130,7 +135,7 @@ def _apply_ranks(params, ranks: Mapping[str, int], config: ModelConfig | None, m
 
 def factorize(params, plan: RankPlan | Mapping[str, int], config: ModelConfig | None = None, *,
               stats=None, decomposition: str | Decomposition | None = None, spectra=None,
-              views: Mapping[str, MatrixView] | None = None):
+              views: Mapping[str, MatrixView] | None = None, gram: bool = False):
     """Each selected dense kernel K -> A, B of `svd_factors` at its planned rank (bias untouched), or of the
     plan's (or `decomposition`'s) method with calibration `stats` (path -> MatrixStats; see module docstring).
 
@@ -139,6 +144,9 @@ def factorize(params, plan: RankPlan | Mapping[str, int], config: ModelConfig | 
     caller); those matrices are truncated from it instead of being decomposed again.
     views: {glob: MatrixView} for N-D / stacked kernels the defaults do not read (default: the plan's).
     A stacked or N-D kernel S + I + O becomes A (S + I + (r,)), B (S + (r,) + O), each slice's truncated SVD.
+    Shardings: eagerly, A and B of a NamedSharding-placed kernel keep its partitioning on their own side
+    (sharded.py); under jit pass `sharded.factorized_shardings(...)` as out_shardings. gram=True computes the
+    factors through KᵀK so that a sharded kernel is never gathered (plain SVD only; sharded.py has the error).
     Returns (params, config) with `LinearSpec("lowrank", rank=r)` for each factorized path (None if no config).
     """
     views = _views(plan, views)
@@ -149,12 +157,12 @@ def factorize(params, plan: RankPlan | Mapping[str, int], config: ModelConfig | 
             raise PlanError(f"{path} is already factorized (rank {matrices[path].rank}); lower it with reduce_rank")
     _check_kinds(config, ranks)
     return _apply_ranks(params, ranks, config, matrices, _decomposition(plan, decomposition, stats, ranks), stats,
-                        spectra)
+                        spectra, gram)
 
 
 def reduce_rank(params, plan: RankPlan | Mapping[str, int], config: ModelConfig | None = None, *,
                 stats=None, decomposition: str | Decomposition | None = None, spectra=None,
-                views: Mapping[str, MatrixView] | None = None):
+                views: Mapping[str, MatrixView] | None = None, gram: bool = False):
     """Factorized matrices -> the planned lower rank by `reduce_factors` (A B is never formed), or by the
     chosen decomposition's re-truncation of A B with `stats`; dense ones selected by the plan are factorized,
     so a stage can widen the set. Returns (params, config) as `factorize` (spectra: as there).
@@ -164,7 +172,7 @@ def reduce_rank(params, plan: RankPlan | Mapping[str, int], config: ModelConfig 
     matrices = check_ranks(params, ranks, views)
     _check_kinds(config, ranks)
     return _apply_ranks(params, ranks, config, matrices, _decomposition(plan, decomposition, stats, ranks), stats,
-                        spectra)
+                        spectra, gram)
 
 
 def densify(params, config: ModelConfig | None = None, views: Mapping[str, MatrixView] | None = None):

@@ -33,6 +33,7 @@ import fnmatch
 from typing import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from plrd_jax.nn.config import MATRIX_KINDS, ModelConfig
@@ -53,7 +54,7 @@ class Slot:
     stacked: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.size, int) or self.size < 1:
+        if not isinstance(self.size, (int, np.integer)) or self.size < 1:
             raise PruneError(f"slot {self.path!r} has size {self.size}; it must be a positive integer")
 
 
@@ -66,7 +67,7 @@ class Unit:
     slots: tuple[Slot, ...]
 
     def __post_init__(self):
-        if not isinstance(self.n, int) or self.n < 1:
+        if not isinstance(self.n, (int, np.integer)) or self.n < 1:
             raise PruneError(f"unit {self.name!r} has n={self.n}; it must be a positive integer")
         if not self.slots:
             raise PruneError(f"unit {self.name!r} has no slots")
@@ -181,13 +182,13 @@ def _slice(x, axis: int, size: int, mask: np.ndarray):
     """x with only the entries of kept units along `axis`: [n] mask -> take; [L, n] -> per layer along axis 0."""
     if mask.ndim == 1:
         index = (np.flatnonzero(mask)[:, None] * size + np.arange(size)).reshape(-1)
-        return x.take(index, axis=axis) if isinstance(x, np.ndarray) else jax.numpy.take(x, index, axis=axis)
+        return x.take(index, axis=axis) if isinstance(x, np.ndarray) else jnp.take(x, index, axis=axis)
     units = np.stack([np.flatnonzero(row) for row in mask])  # [L, k]: rectangular (checked)
     index = (units[..., None] * size + np.arange(size)).reshape(len(mask), -1)
     shape = [1] * x.ndim
     shape[0], shape[axis] = index.shape
     index = index.reshape(shape)
-    take = np.take_along_axis if isinstance(x, np.ndarray) else jax.numpy.take_along_axis
+    take = np.take_along_axis if isinstance(x, np.ndarray) else jnp.take_along_axis
     return take(x, index, axis=axis)
 
 
