@@ -96,3 +96,30 @@ def test_gram_factors_and_reduce_match_the_truncated_svd():
     a2, b2 = gram_reduce(a, b, 3)
     ref3 = truncated(np.asarray(a @ b, np.float64), 3)
     assert np.abs(np.asarray(a2 @ b2, np.float64) - ref3).max() <= 1e-4 * np.abs(ref3).max()
+
+
+def test_logical_names_from_a_linen_tree_carry_over_to_the_factors():
+    import flax.linen as nn
+    import jax
+
+    from plrd_jax.transforms.factorize import factorize
+    from plrd_jax.transforms.sharded import factorized_shardings
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(32, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                                      ("embed", "mlp")), name="up")(x)
+            return nn.Dense(8, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                                        ("mlp", "embed")), name="down")(h)
+
+    boxed = MLP().init(jax.random.key(0), np.ones((1, 8), np.float32))["params"]
+    specs = nn.get_partition_spec(boxed)
+    params = nn.meta.unbox(boxed)
+    ranks = {"up": 4, "down": 4}
+    low_specs = factorized_shardings(params, specs, ranks, rank_axis="rank")
+    assert tuple(low_specs["up"]["A"]) == ("embed", "rank") and tuple(low_specs["up"]["B"]) == ("rank", "mlp")
+    assert tuple(low_specs["down"]["A"]) == ("mlp", "rank") and tuple(low_specs["down"]["B"]) == ("rank", "embed")
+    low, _ = factorize(params, ranks)
+    assert jax.tree.structure(low) == jax.tree.structure(low_specs, is_leaf=lambda x: isinstance(
+        x, jax.sharding.PartitionSpec))

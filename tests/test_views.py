@@ -133,3 +133,13 @@ def test_weight_leaves_are_read_transposed():
     np.testing.assert_allclose(x @ np.asarray(a) @ np.asarray(b), x @ weight.T, rtol=1e-4, atol=1e-4)
     back, _ = densify(low, views={"proj": MatrixView(transposed=True)})
     np.testing.assert_allclose(back["proj"]["weight"], weight, rtol=1e-4, atol=1e-4)
+
+
+def test_a_plan_describes_what_it_selects_and_skips():
+    from plrd_jax.transforms.plan import describe_plan
+
+    params = {**tree(), "lora": {"kernel": w(16, 16), "A": w(16, 2), "B": w(2, 16)}}
+    text = describe_plan(params, RankPlan(("decoder/*", "head"), rank=4)).splitlines()
+    assert any(line.startswith("factorize decoder/layers/mlp/wi: 24×40 × 3 slices, dense → rank 4") for line in text)
+    assert any(line.startswith("skip      lora: holds a kernel beside factors A/B (a LoRA adapter?)") for line in text)
+    assert len(text) == 6

@@ -273,3 +273,19 @@ def predict_param_count(params, ranks: Mapping[str, int], views: Mapping[str, Ma
     matrices = check_ranks(params, ranks, views)
     return count_params(params) + sum(matrices[p].count * r * (matrices[p].d_in + matrices[p].d_out)
                                       - matrices[p].size for p, r in ranks.items())
+
+
+def describe_plan(params, plan: RankPlan) -> str:
+    """What `plan` does to `params`, one line per node: every selected matrix (shape, slices, current rank →
+    target, action and why) and every weight-holding node the views skipped (and why)."""
+    matrices, skipped = scan_tree(params, dict(plan.views))
+    lines = []
+    for row in resolve_plan(params, plan):
+        m = matrices[row.path]
+        stack = f" × {m.count} slices" if m.count > 1 else ""
+        current = "dense" if row.rank is None else f"rank {row.rank}"
+        why = f" ({row.reason})" if row.reason else ""
+        lines.append(f"{row.action:9s} {row.path}: {row.shape[0]}×{row.shape[1]}{stack}, {current} → "
+                     f"rank {row.target}{why}")
+    lines += [f"{'skip':9s} {path}: {reason}" for path, reason in skipped.items()]
+    return "\n".join(lines)

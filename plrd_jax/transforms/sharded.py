@@ -45,19 +45,23 @@ def factor_spec(spec, m: Matrix, ndim: int, rank_axis=None) -> tuple[tuple, tupl
 
 def factorized_shardings(params, shardings, ranks: Mapping[str, int], views: Mapping[str, MatrixView] | None = None,
                          rank_axis=None):
-    """The shardings of `factorize(params, ranks)`'s output: `shardings` (a tree of NamedShardings matching
-    `params`) with each factorized node's kernel sharding replaced by A's and B's (`factor_spec`)."""
+    """The shardings of `factorize(params, ranks)`'s output: `shardings` (a tree matching `params` of
+    NamedShardings, or of PartitionSpecs — e.g. flax's `nn.get_partition_spec` of logical names) with each
+    factorized node's kernel entry replaced by A's and B's (`factor_spec`), of the same type."""
     matrices = find_matrices(params, views)
+
+    def wrap(like, entries):
+        spec = PartitionSpec(*entries)
+        return NamedSharding(like.mesh, spec) if isinstance(like, NamedSharding) else spec
 
     def walk(node, sharding, path):
         if path in ranks:
             m = matrices[path]
             key = "weight" if m.view.transposed else "kernel"
             ks = sharding[key]
-            a, b = factor_spec(ks.spec, m, node[key].ndim, rank_axis)
+            a, b = factor_spec(ks.spec if isinstance(ks, NamedSharding) else ks, m, node[key].ndim, rank_axis)
             rest = {k: v for k, v in sharding.items() if k != key}
-            return {**rest, "A": NamedSharding(ks.mesh, PartitionSpec(*a)),
-                    "B": NamedSharding(ks.mesh, PartitionSpec(*b))}
+            return {**rest, "A": wrap(ks, a), "B": wrap(ks, b)}
         if isinstance(node, Mapping):
             return {k: walk(v, sharding[k], f"{path}/{k}" if path else str(k)) for k, v in node.items()}
         return sharding
