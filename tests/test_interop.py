@@ -507,3 +507,16 @@ def test_nnx_drop_in_modules_have_the_factorized_layout():
     x = jax.random.normal(jax.random.key(1), (NB, T, H, DH))
     np.testing.assert_allclose(general(x), np_linear(np.asarray(x, np.float64), nnx_pure(general), 2),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_rank_reduction_rebuilds_low_rank_modules(nnx_setup):
+    """A second stage (reduce_rank on the low-rank state) loads into the same model at the lower rank."""
+    from plrd_jax.transforms.factorize import reduce_rank
+
+    model, params, x = nnx_setup
+    model = lowrank_nnx(model, factorize_tree(params, {"mlp/up": 6, "mlp/down": 6}))
+    lower, _ = reduce_rank(nnx_pure(model), {"mlp/up": 2})
+    model = lowrank_nnx(model, lower)
+    assert model.mlp.up.rank == 2 and model.mlp.up.A.shape == (D, 2) and model.mlp.down.rank == 6
+    assert type(model.mlp.up.A) is Weight and model.mlp.up.A.get_metadata()["out_sharding"] == ("embed", None)
+    np.testing.assert_allclose(model(x), np_forward(lower, x), rtol=1e-5, atol=2e-5)

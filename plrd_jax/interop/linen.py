@@ -269,18 +269,19 @@ def lowrank_scope():
 
 
 class LowRankModel(nn.Module):
-    """`module` run under `lowrank_scope`, sharing its scope: the wrapper adds no level to the param tree,
-    so `LowRankModel(m).apply(v, x)` takes exactly the variables `m.apply` takes, with any Dense/DenseGeneral
-    node factorized or not; `init` gives `m.init`'s (dense) tree."""
+    """`lowrank_base` run under `lowrank_scope`, sharing its scope: the wrapper adds no level to the param
+    tree, so `LowRankModel(m).apply(v, x)` takes exactly the variables `m.apply` takes, with any
+    Dense/DenseGeneral node factorized or not; `init` gives `m.init`'s (dense) tree. (The field's name is
+    reserved in that shared scope, hence an unlikely one: a top-level submodule may not be called so.)"""
 
-    module: nn.Module
+    lowrank_base: nn.Module
 
     def setup(self):
-        nn.share_scope(self, self.module)
+        nn.share_scope(self, self.lowrank_base)
 
     def __call__(self, *args, **kwargs):
         with lowrank_scope():
-            return self.module(*args, **kwargs)
+            return self.lowrank_base(*args, **kwargs)
 
 
 def lowrank_linen(module: nn.Module) -> LowRankModel:

@@ -233,13 +233,17 @@ def _swap_modules(root, convert):
 
 
 def _to_lowrank(module, low_cls, fields, node):
-    """The low-rank twin of a Linear/LinearGeneral with factors node["A"], node["B"] (bias: node's or kept);
-    A, B are `Variable.replace`s of the kernel (same type, metadata; sharding names split)."""
+    """The low-rank module for a Linear/LinearGeneral (or a low-rank one whose rank changes) with factors
+    node["A"], node["B"] (bias: node's or kept). From a dense layer A, B are `Variable.replace`s of the
+    kernel (same type, metadata; sharding names split), from a low-rank one of its A, B."""
     a, b = node["A"], node["B"]
     n_in = len(_tuple(module.in_features))
     new = _abstract(low_cls, module, fields, rank=int(np.shape(a)[-1]))
-    a_meta, b_meta = _split_names(module.kernel, np.ndim(a) - 1 - n_in, n_in)
-    new.A, new.B = module.kernel.replace(a, **a_meta), module.kernel.replace(b, **b_meta)
+    if isinstance(module, low_cls):
+        new.A, new.B = module.A.replace(a), module.B.replace(b)
+    else:
+        a_meta, b_meta = _split_names(module.kernel, np.ndim(a) - 1 - n_in, n_in)
+        new.A, new.B = module.kernel.replace(a, **a_meta), module.kernel.replace(b, **b_meta)
     if module.bias is not None:
         new.bias = module.bias.replace(node["bias"]) if "bias" in node else module.bias.replace()
     return new
@@ -269,7 +273,8 @@ def lowrank_nnx(model, tree):
     the model itself is one such layer). Shared layers are replaced wherever they are referenced.
 
     tree: a pure dict (`nnx.to_pure_dict(nnx.state(model))` passed through `factorize`), an nnx.State, or a
-    mix with Variable leaves; it may be partial (only the given leaves are loaded). For d = 64, rank 8:
+    mix with Variable leaves; it may be partial (only the given leaves are loaded). Low-rank modules whose
+    factors change rank (`reduce_rank`) are rebuilt with the new rank. For d = 64, rank 8:
 
         before: nnx.state(model)                       after lowrank_nnx(model, factorized)
         mlp.up = Linear(64, 256)                       mlp.up = LowRankLinear(64, 256, rank=8)
@@ -289,9 +294,12 @@ def lowrank_nnx(model, tree):
     tree = _pure(tree)
 
     def convert(path, module):
+        node = _lookup(tree, path)
+        if not _is_factorized(node):
+            return None
         for dense_cls, low_cls, fields in _PAIRS:
-            node = _lookup(tree, path)
-            if type(module) is dense_cls and _is_factorized(node):
+            rank_changes = type(module) is low_cls and np.shape(node["A"])[-1] != module.rank
+            if type(module) is dense_cls or rank_changes:
                 return _to_lowrank(module, low_cls, fields, node)
         return None
 
