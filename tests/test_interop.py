@@ -17,7 +17,7 @@ from flax import nnx
 
 from plrd_jax.interop import (LowRankDense, LowRankDenseGeneral, LowRankLinear, LowRankLinearGeneral, dense_nnx,
                               lowrank_linen, lowrank_nnx)
-from plrd_jax.transforms.factorize import densify, factorize
+from plrd_jax.transforms.factorize import densify, factorize, reduce_rank
 
 D, H, DH, T, NB = 16, 2, 4, 5, 2  # model width, heads, head dim, sequence, batch
 # path -> number of contracted input axes of the kernel (its I); every kernel here contracts x's last axes
@@ -511,8 +511,6 @@ def test_nnx_drop_in_modules_have_the_factorized_layout():
 
 def test_nnx_rank_reduction_rebuilds_low_rank_modules(nnx_setup):
     """A second stage (reduce_rank on the low-rank state) loads into the same model at the lower rank."""
-    from plrd_jax.transforms.factorize import reduce_rank
-
     model, params, x = nnx_setup
     model = lowrank_nnx(model, factorize_tree(params, {"mlp/up": 6, "mlp/down": 6}))
     lower, _ = reduce_rank(nnx_pure(model), {"mlp/up": 2})
@@ -520,3 +518,27 @@ def test_nnx_rank_reduction_rebuilds_low_rank_modules(nnx_setup):
     assert model.mlp.up.rank == 2 and model.mlp.up.A.shape == (D, 2) and model.mlp.down.rank == 6
     assert type(model.mlp.up.A) is Weight and model.mlp.up.A.get_metadata()["out_sharding"] == ("embed", None)
     np.testing.assert_allclose(model(x), np_forward(lower, x), rtol=1e-5, atol=2e-5)
+
+
+# ---- the transforms' own N-D / stacked factorization (default views) runs as is -------------------------
+@pytest.mark.parametrize("kind", ["linen", "stack", "nnx"])
+def test_transforms_layout_runs_in_the_users_model(linen_setup, stack_setup, kind):
+    """`factorize` / `densify` on the whole tree (DenseGeneral q/k/v/out and the scanned stack by their
+    default views): the user's model runs the factors (numpy reference) and the densified tree."""
+    if kind == "nnx":
+        model, x = NModel(nnx.Rngs(0)), linen_setup[2]
+        params = nnx_pure(model)
+    else:
+        model, params, x = linen_setup if kind == "linen" else stack_setup
+
+    def run(tree):
+        return lowrank_nnx(model, tree)(x) if kind == "nnx" else lowrank_linen(model).apply({"params": tree}, x)
+
+    paths, reference = (STACK_IN, np_stack) if kind == "stack" else (N_IN, np_forward)
+    fact, _ = factorize(params, {p: 3 for p in paths})
+    assert get(fact, next(iter(paths)))["A"].shape[-1] == 3
+    np.testing.assert_allclose(run(fact), reference(fact, x), rtol=1e-5, atol=2e-5)
+    dense, _ = densify(fact)
+    assert all(get(dense, p)["kernel"].shape == get(params, p)["kernel"].shape for p in paths)
+    y = dense_nnx(model, dense)(x) if kind == "nnx" else model.apply({"params": dense}, x)
+    np.testing.assert_allclose(y, reference(fact, x), rtol=1e-5, atol=2e-5)

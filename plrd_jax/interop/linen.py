@@ -63,8 +63,8 @@ def lowrank_contract(x, a, b, axis: tuple[int, ...], batch_dims: tuple[int, ...]
     x: (…) with `axis` contracted against A's I axes and `batch_dims` (leading, length k) paired with A's and
     B's first k axes S; A: S + I + (r,), B: S + (r,) + O. The bottleneck h = x A, shape S + rest + (r,), is
     tagged `BOTTLENECK` for remat policies. Output: S + rest + O, the layout of flax's DenseGeneral (rest: the
-    axes of x neither contracted nor batched). Costs r·(|I| + |O|) multiply-adds per output row instead of
-    |I|·|O|. `out_kwargs` go to the second product only (e.g. nnx's out_sharding, shaped for y).
+    axes of x neither contracted nor batched). Costs r·(prod I + prod O) multiply-adds per output row instead
+    of prod I · prod O. `out_kwargs` go to the second product only (e.g. nnx's out_sharding, shaped for y).
     """
     nb = len(batch_dims)
     batch_ind = tuple(range(nb))
@@ -110,8 +110,8 @@ def factor_product(a, b, n_in: int):
 
 def flat_init(init: Initializer, n_rows: int | None):
     """An initializer for an N-D factor that draws it as the 2-D (prod(shape[:n_rows]), prod(rest)) matrix
-    and reshapes, as flax's DenseGeneral does for its kernel (so lecun_normal's fan-in is |I| for A, r for B);
-    n_rows None: as the 1-D (prod(shape),) vector (a bias)."""
+    and reshapes, as flax's DenseGeneral does for its kernel (batch axes S folded into the rows: lecun_normal's
+    fan-in is prod(S + I) for A, prod(S)·r for B); n_rows None: as the 1-D (prod(shape),) vector (a bias)."""
     def wrapped(key, shape, dtype=jnp.float32):
         flat = ((int(np.prod(shape)),) if n_rows is None else
                 (int(np.prod(shape[:n_rows])), int(np.prod(shape[n_rows:]))))
@@ -291,7 +291,7 @@ def lowrank_linen(module: nn.Module) -> LowRankModel:
     factorized nodes change. For a model whose `mlp` uses `nn.Dense(256)` and whose `attn` uses
     `nn.DenseGeneral((4, 16), name="query")` and `nn.DenseGeneral(64, axis=(-2, -1), name="out")` (d = 64):
 
-        before: model.init(key, x)["params"]         after factorize (+ N-D by the same layout), rank 8
+        before: model.init(key, x)["params"]         after factorize(params, {path: 8 for each})
         mlp/Dense_0:  kernel (64, 256)   bias (256,)   A (64, 8)    B (8, 256)      bias (256,)
         attn/query:   kernel (64, 4, 16) bias (4, 16)  A (64, 8)    B (8, 4, 16)    bias (4, 16)
         attn/out:     kernel (4, 16, 64) bias (64,)    A (4, 16, 8) B (8, 64)       bias (64,)
@@ -300,7 +300,7 @@ def lowrank_linen(module: nn.Module) -> LowRankModel:
         y = lowrank_linen(model).apply({"params": factorized}, x)   # == model.apply with kernel = A B
 
     No params are needed to build it: which layers run factorized is read from the variables at each apply,
-    so one wrapper (and one jit of its apply) serves any tree. Covered: `nn.Dense`, `nn.DenseGeneral` (axis,
+    so one wrapper serves any tree (a jit of its apply traces once per tree structure). Covered: `nn.Dense`, `nn.DenseGeneral` (axis,
     batch_dims, dtype/param_dtype, precision, promote_dtype, dot_general, boxed `nn.Partitioned` params), in
     compact or setup-defined submodules and under `nn.scan`/`nn.vmap`/`nn.remat`/`nn.jit`. Not covered: other
     layers (`nn.Einsum`, `nn.Conv`, `nn.Embed.attend`, a model's own dense class calling `self.param("kernel")`
