@@ -15,6 +15,7 @@ def test_own_models_example_runs_as_written(code, line):
 
 def test_the_page_covers_linen_nnx_scanned_and_levanter_trees():
     text = PAGE.read_text(encoding="utf-8")
-    for heading in ("## MaxText-style scanned stacks", "## levanter-style `weight` leaves", "## Shardings"):
+    for heading in ("## MaxText-style scanned stacks", "## levanter-style `weight` leaves", "## Shardings",
+                    "## Back into your model: linen", "## Back into your model: nnx", "## Structured pruning"):
         assert heading in text
     assert len(BLOCKS) >= 4
