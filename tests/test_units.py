@@ -266,3 +266,10 @@ def test_decoder_units_refuse_sltrain_matrices():
     with pytest.raises(PruneError, match="layers_0/mlp/up is an SLTrain matrix"):
         decoder_units(config)
     assert len(decoder_units(GQA, layers=[0, 2])) == 1 + 2 * 3
+
+
+def test_prune_on_a_foreign_tree_points_to_units():
+    from plrd_jax.transforms.prune import prune
+
+    with pytest.raises(PruneError, match="prune_units"):
+        prune({"Dense_0": {"kernel": np.zeros((4, 4))}}, None, {})

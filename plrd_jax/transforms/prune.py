@@ -218,6 +218,9 @@ def prune(params, config: ModelConfig, masks: dict) -> tuple[dict, ModelConfig]:
     here, the slicing is `prune_units(decoder_units(...), decoder_keep(...))` and the kept mask values are
     folded in by the cuts' scales (module docstring); the result equals applying each `Cut` whole.
     """
+    if not isinstance(config, ModelConfig) or "embed" not in params:
+        raise PruneError("prune reads our decoder's masks and paths (a ModelConfig and its params); for any other "
+                         "tree describe its units and call transforms.units.prune_units")
     cuts, new_config = prune_cuts(config, masks)  # checks the masks: the model-shape errors come first
     layers = _kept_layers(_check_masks(masks, config), config)
     kept = {f"layers_{i}" for i in layers}
