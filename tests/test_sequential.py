@@ -90,7 +90,7 @@ def inputs_of(config, params, windows):
         return out
 
     with nn.intercept_methods(interceptor):
-        Decoder(config).apply({"params": params}, jnp.asarray(windows))
+        Decoder(config.replace(scan_layers=False)).apply({"params": params}, jnp.asarray(windows))
     flat = lambda x: np.asarray(x, np.float64).reshape(-1, x.shape[-1])  # noqa: E731
     return {p: flat(x) for p, x in linears.items()}, {p: flat(x) for p, x in blocks.items()}
 

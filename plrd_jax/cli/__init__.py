@@ -32,6 +32,7 @@ def main(argv=None) -> int:
         from plrd_jax.training.distributed import initialize, main_process_output
 
         initialize()  # a multi-host run when the environment says so (tpu/tpu.py launch); else nothing
+        use_compilation_cache()
         with main_process_output():  # logs and progress bars from process 0 only
             args.func(args)
     except KeyboardInterrupt:
@@ -47,4 +48,21 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["main", "build_parser", "family_schedule", "DEFAULT_MODEL"]
+def use_compilation_cache() -> None:
+    """Turn on JAX's persistent compilation cache, so that a resumed or repeated run loads its compiled steps
+    instead of compiling them again: `$PLRD_COMPILATION_CACHE` (default `~/.cache/plrd_jax/xla`; empty or "off"
+    disables it). An explicit `JAX_COMPILATION_CACHE_DIR` wins. Every program that took ≥ 1 s to compile is kept."""
+    import os
+
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    where = os.environ.get("PLRD_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "plrd_jax",
+                                                                 "xla"))
+    if where and where != "off":
+        jax.config.update("jax_compilation_cache_dir", where)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+__all__ = ["main", "build_parser", "family_schedule", "DEFAULT_MODEL", "use_compilation_cache"]

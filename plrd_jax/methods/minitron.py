@@ -83,7 +83,7 @@ def _jitted_step(config: ModelConfig):
     """(params, tokens (B, T), weights (B,)) -> the weighted batch sums, float32: heads (L, H), int (L, m),
     hidden (d,) as in the module docstring before the mean over windows, and cos (L,) = Σ_b weights[b] Σ_t
     cos(x_in, x_out) of each layer."""
-    model = Decoder(config)
+    model = Decoder(config.replace(scan_layers=False))  # the interceptor records each layer by its path
     L, H, hd = config.num_layers, config.num_heads, config.head_dim_
 
     def step(params, tokens, weights):

@@ -218,10 +218,15 @@ class Decoder(nn.Module):
         rotary = rotary_tables(positions, c.head_dim_, c.rope_theta)
         new_cache = []
         block = Block if c.remat == "none" else nn.remat(Block, policy=remat_policy(c.remat))
-        for i in range(c.num_layers):
-            layer_masks = None if masks is None else _layer_masks(masks, i)
-            x, layer_cache = block(c, i, name=f"layers_{i}")(x, positions, rotary,
-                                                              None if cache is None else cache[i], layer_masks)
+        scan = c.scan_layers and not self.is_initializing()
+        for start, stop in (layer_runs(c) if scan else [(i, i + 1) for i in range(c.num_layers)]):
+            if stop - start > 1:
+                x, caches = self._scanned(start, stop, x, positions, rotary, cache, masks)
+                new_cache.extend(caches)
+                continue
+            layer_masks = None if masks is None else _layer_masks(masks, start)
+            x, layer_cache = block(c, start, name=f"layers_{start}")(
+                x, positions, rotary, None if cache is None else cache[start], layer_masks)
             new_cache.append(layer_cache)
         x = RMSNorm(c.rms_norm_eps, c.jnp_param_dtype, name="final_norm")(x, z_hidden)
         if c.tie_embeddings:  # embed.attend(x), on (tokens, d) like every other matmul (see linears.Linear)
@@ -231,6 +236,41 @@ class Decoder(nn.Module):
             logits = linear(c, "lm_head", c.vocab_size, "lm_head")(x)
         logits = logits.astype(jnp.float32)
         return logits if cache is None else (logits, new_cache)
+
+
+    def _scanned(self, start: int, stop: int, x, positions, rotary, cache, masks):
+        """Layers [start, stop) (identical specs) under one `jax.lax.scan`: their params, cache entries and
+        masks stacked along a leading layer axis, one `Block` applied per step (remat'ed per layer)."""
+        c = self.config
+
+        def stack(trees):
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+        params = stack([self.variables["params"][f"layers_{i}"] for i in range(start, stop)])
+        caches = None if cache is None else stack(cache[start:stop])
+        layer_masks = None if masks is None else stack([_layer_masks(masks, i) for i in range(start, stop)])
+        block = Block(c, start, parent=None)
+
+        def body(h, xs):
+            p, layer_cache, m = xs
+            return block.apply({"params": p}, h, positions, rotary, layer_cache, m)
+        if c.remat != "none":
+            body = jax.checkpoint(body, policy=remat_policy(c.remat), prevent_cse=False)
+        x, new = jax.lax.scan(body, x, (params, caches, layer_masks))
+        return x, [None if new is None else jax.tree.map(lambda a: a[i], new) for i in range(stop - start)]
+
+
+def layer_runs(config: ModelConfig) -> list[tuple[int, int]]:
+    """Maximal runs [start, stop) of consecutive layers whose linears have identical specs (what one scan can
+    run: the same parameter shapes and kinds in every step)."""
+    kinds = ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up", "mlp/down")
+    specs = [tuple(config.linear(f"layers_{i}/{k}") for k in kinds) for i in range(config.num_layers)]
+    runs = []
+    for i, spec in enumerate(specs):
+        if runs and specs[runs[-1][0]] == spec:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [tuple(r) for r in runs]
 
 
 def remat_policy(name: str):

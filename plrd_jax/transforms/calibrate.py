@@ -78,7 +78,7 @@ def linear_paths(config: ModelConfig, params) -> dict[str, tuple[int, int]]:
 
     def run(p):
         with _record_linears(records):
-            Decoder(config).apply({"params": p}, jnp.zeros((1, 2), jnp.int32))
+            Decoder(config.replace(scan_layers=False)).apply({"params": p}, jnp.zeros((1, 2), jnp.int32))
 
     jax.eval_shape(run, params)
     return {path: (x.shape[-1], config.matrix_shape(path)[1]) for path, x in records.items()}
@@ -105,7 +105,7 @@ def _add_inputs(stats: dict, records: dict, weights: jax.Array) -> dict:
 
 
 def _make_step(config: ModelConfig, shapes: dict[str, tuple[int, int]], fisher: bool):
-    model = Decoder(config)
+    model = Decoder(config.replace(scan_layers=False))  # the interceptor records each layer by its path
 
     def forward_step(stats, params, tokens, weights):
         records: dict = {}
