@@ -53,6 +53,9 @@ def main(argv=None):
     ap.add_argument("--fractions", default="0.9,0.5")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--same-ranks", action="store_true",
+                    help="every layer at one rank per matrix kind (the smallest the budget plan gives it), so "
+                         "that all layers form one scanned run")
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "bench_compile"))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -72,6 +75,10 @@ def main(argv=None):
     rows, results = [], []
     for fraction in (float(f) for f in args.fractions.split(",")):
         ranks = resolve_ranks(shapes, RankPlan(("attn", "mlp"), budget=int(fraction * count_params(shapes))))
+        if args.same_ranks:  # one rank per kind (attn/q, mlp/up, ...): the layers then agree
+            kinds = {p.split("/", 1)[1] for p in ranks}
+            low = {k: min(r for p, r in ranks.items() if p.endswith(k)) for k in kinds}
+            ranks = {p: low[p.split("/", 1)[1]] for p in ranks}
         member = parent_config.with_linears({p: LinearSpec("lowrank", rank=r) for p, r in ranks.items()})
         timings = {}
         for layout, scan in (("unrolled", False), ("scanned", True)):
@@ -90,7 +97,7 @@ def main(argv=None):
     text = (f"Heal step of each member (batch {args.batch} × {args.seq_len}, distilling from the parent), lowered "
             f"and compiled ahead of time on {jax.device_count()} {jax.default_backend()} device(s), "
             f"{os.cpu_count()} cores, no compilation cache. Command: `python benchmarks/bench_compile.py "
-            f"--fractions {args.fractions}`.\n\n" + markdown_table(rows, columns) + "\n")
+            f"--fractions {args.fractions}{' --same-ranks' if args.same_ranks else ''}`.\n\n" + markdown_table(rows, columns) + "\n")
     Path(args.out + ".md").write_text(text)
     Path(args.out + ".json").write_text(json.dumps(results, indent=1))
     print(text)
