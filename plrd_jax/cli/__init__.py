@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 
-from plrd_jax.cli import compress, eval, export, family, generate, info, pretrain, shear, tables, zeroshot
+from plrd_jax.cli import compress, eval, export, family, generate, info, plan, pretrain, shear, tables, zeroshot
 from plrd_jax.cli.common import DEFAULT_MODEL, Parser, describe_os_error, known_errors, report
 from plrd_jax.cli.family import family_schedule  # noqa: F401  (tests and scripts import it from here)
 
-COMMANDS = (eval, info, generate, export, family, compress, shear, pretrain, zeroshot, tables)  # --help order
+COMMANDS = (eval, info, generate, export, family, compress, shear, pretrain, plan, zeroshot, tables)  # --help order
 
 
 def build_parser() -> argparse.ArgumentParser:
