@@ -1,0 +1,57 @@
+"""Ahead-of-time plans (plrd_jax/training/aot.py, the `plan` command): bad topologies and meshes are one-line
+errors before any compile; a tiny model's plan on 8 host devices reports the memory XLA assigns."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from plrd_jax.cli import main
+from plrd_jax.nn.config import ModelConfig
+from plrd_jax.training.aot import PlanError, accelerator, check_mesh
+
+TINY = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                   max_seq_len=64)
+
+
+def test_topologies_and_meshes_are_checked_before_compiling(capsys):
+    assert accelerator("v5p-8").chips == 4 and accelerator("v5e-8").chips == 8
+    with pytest.raises(PlanError, match="unknown topology 'v9-8'"):
+        accelerator("v9-8")
+    assert check_mesh(TINY, (1, -1, 1), 8, 8) == (1, 8, 1)
+    with pytest.raises(PlanError, match="does not divide the slice's 8 chips"):
+        check_mesh(TINY, (3, -1, 1), 8, 8)
+    with pytest.raises(PlanError, match="batch 4 does not divide"):
+        check_mesh(TINY, (1, -1, 1), 8, 4)
+    with pytest.raises(PlanError, match="num_kv_heads 2 does not divide over tensor = 4"):
+        check_mesh(TINY, (1, 2, 4), 8, 8)
+    for argv, message in ((["plan", "--topology", "v9-8"], "unknown topology"),
+                          (["plan", "--mesh", "1,3,1", "--batch-size", "8"], "does not divide the slice")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
+
+
+SCRIPT = r"""
+import json, os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+from plrd_jax.nn.config import ModelConfig
+from plrd_jax.training.aot import accelerator, plan_heal_step
+from plrd_jax.training.optim import HealConfig
+c = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                max_seq_len=64)
+out = plan_heal_step(c, HealConfig(total_steps=2, warmup_steps=0), 8, 32, accelerator("v5e-8"))
+print(json.dumps(out))
+"""
+
+
+def test_a_plan_reports_per_device_memory_and_flops():
+    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    h = out["heal"]
+    params = sum(x for x in (128 * 64, 2 * 64, 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 96 + 2 * 64), 64 * 128))
+    # the state (params + two Adam moments, float32) sharded 8 ways lies inside each device's arguments
+    assert 3 * 4 * params / 8 <= h["argument"] <= 3 * 4 * params
+    assert h["fits"] and h["flops"] > 0 and out["suggestion"] == "fits" and out["mesh"] == [1, 8, 1]
