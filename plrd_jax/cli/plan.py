@@ -97,12 +97,11 @@ def _plan_members(args, schedule, parent, batch, slice_, mesh) -> None:
         config = members[k]
         plan = plan_heal_step(config, heal, batch, schedule.seq_len, slice_, mesh, teacher)
         h = plan["heal"]
-        mfu_s = plan["model_flops"] / (slice_.chips * slice_.peak_flops)
         rows.append([str(k), schedule.stages[k].name, f"{count_params(abstract_params(config)) / 1e9:.2f}B",
                      f"{h['argument'] / gib:.2f}", f"{h['temp'] / gib:.2f}", f"{h['peak'] / gib:.2f}",
-                     "yes" if h["fits"] else "no", f"{h['flops'] / 1e12:.1f}", f"{h['step_s_at_peak']:.2f}",
-                     f"{mfu_s:.2f}", plan["suggestion"]])
+                     "yes" if h["fits"] else "no", f"{h['flops'] / 1e12:.1f}", f"{plan['step_s_at_peak']:.2f}",
+                     plan["suggestion"]])
         print(" | ".join(rows[-1]), flush=True)
     columns = ["member", "name", "params", "args GiB/device", "temp GiB/device", "peak GiB/device", "fits",
-               "TFLOP/device/step (XLA)", "step s at peak", "step s at 100 % MFU (6N+attn)", "to fit"]
+               "TFLOP/device (XLA, one micro-batch)", "step s at peak (model FLOPs)", "to fit"]
     print(markdown_table(rows, columns))

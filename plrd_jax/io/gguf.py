@@ -9,6 +9,7 @@ GGUF names map to HF names (then to ours, see `hf.py`):
 A tensor with dims `ne = [ne0, ne1]` (ne0 fastest) dequantizes to a row-major (ne1, ne0) array: HF's (out, in).
 llama.cpp's converter permuted the rows of q and k per head from rotate-half to interleaved pairs,
 `w.reshape(n, 2, hd/2, d).swapaxes(1, 2)`; `unpermute_rotary` inverts it (n = heads for q, kv heads for k).
+`save_gguf` writes the same layout (`permute_rotary`, the converter's permutation) from a dense model.
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader
-from gguf.quants import dequantize
+from gguf import GGML_QUANT_VERSION, GGUFReader, GGUFWriter, LlamaFileType
+from gguf.quants import dequantize, quantize
 
 from plrd_jax.nn.config import ConfigError, ModelConfig
-from plrd_jax.io.hf import CheckpointError, dtype_name, params_from_hf
+from plrd_jax.io.hf import CheckpointError, dtype_name, hf_state_dict, params_from_hf
 
 ARCHITECTURE = "llama"
 GGUF_MAGIC = b"GGUF"
@@ -161,3 +162,139 @@ def load_gguf(source: str | os.PathLike | GGUFReader, dtype=None) -> tuple[Model
     config = config_from_gguf(reader, dtype)
     check_types(reader)
     return config, params_from_hf(hf_tensors(reader, config), config)
+
+
+# ---- writing --------------------------------------------------------------------------------------
+# --dtype -> GGUF tensor type of every matrix (norms stay F32, as llama.cpp's converter keeps them).
+GGUF_TYPES = {"float32": Q.F32, "float16": Q.F16, "bfloat16": Q.BF16, "q8_0": Q.Q8_0}
+_FILE_TYPES = {Q.F32: "ALL_F32", Q.F16: "MOSTLY_F16", Q.BF16: "MOSTLY_BF16", Q.Q8_0: "MOSTLY_Q8_0"}
+_TO_GGUF = {**{hf: gguf for gguf, hf in _GLOBAL_NAMES.items()}, **{hf: gguf for gguf, hf in _BLOCK_NAMES.items()}}
+_PRE_NAMES = ("gpt2", "smollm", "llama-bpe", "qwen2")  # llama.cpp pre-tokenizer names we can recognize
+NORMAL, UNUSED, CONTROL, USER_DEFINED = 1, 5, 3, 4  # llama.cpp token types
+
+
+def hf_name_to_gguf(name: str) -> str:
+    """The inverse of `gguf_name_to_hf`: "model.layers.3.mlp.up_proj.weight" -> "blk.3.ffn_up.weight"."""
+    if name in _TO_GGUF:
+        return _TO_GGUF[name]
+    _, _, layer, rest = name.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_TO_GGUF[module]}.{kind}"
+
+
+def permute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's q/k row permutation (the inverse of `unpermute_rotary`): rows (n, 2, hd/2) -> (n, hd/2, 2),
+    rotate-half pairs (i, i + hd/2) made adjacent for its interleaved rope. w: (n·hd, ...) -> same shape."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def encode_tensor(name: str, array: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q | None]:
+    """(data, raw_dtype) for `GGUFWriter.add_tensor`: vectors F32, matrices as `qtype` (rows of a Q8_0 matrix
+    are blocks of 32, so its row length ne0 must be a multiple of 32)."""
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 1 or qtype == Q.F32:
+        return array, None
+    if qtype == Q.F16:
+        return array.astype(np.float16), None
+    if qtype == Q.Q8_0 and array.shape[-1] % 32:
+        raise CheckpointError(f"tensor {name} has rows of {array.shape[-1]} values; Q8_0 needs a multiple of 32")
+    return quantize(array, qtype), qtype
+
+
+def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
+    """llama.cpp's `tokenizer.ggml.*` of a byte-level BPE tokenizer (the only kind `Tokenizer.from_gguf` rebuilds
+    from tokens + merges): tokens by id padded to `vocab_size` with UNUSED "[PADi]", token types (special added
+    tokens CONTROL, other added tokens USER_DEFINED), merges "a b", and the pre-tokenizer's llama.cpp name."""
+    import json
+
+    from tokenizers import Tokenizer as Backend, models
+
+    from plrd_jax.io.tokenizer import BYTE_LEVEL_PRE
+
+    spec = json.loads(tokenizer.backend.to_str())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer")
+    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise CheckpointError(f"a {model.get('type')} tokenizer without a ByteLevel decoder cannot be written to "
+                              f"GGUF; only byte-level BPE tokenizers can")
+    names = [n for n in _PRE_NAMES if json.loads(_with_pre(Backend(models.BPE()), BYTE_LEVEL_PRE[n]()))
+             .get("pre_tokenizer") == pre]
+    if not names:
+        raise CheckpointError(f"the tokenizer's pre-tokenizer {json.dumps(pre)[:80]} matches none that GGUF "
+                              f"names ({', '.join(_PRE_NAMES)})")
+    tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED] * vocab_size
+    typed = [(t, i, NORMAL) for t, i in model["vocab"].items()]
+    typed += [(a["content"], a["id"], CONTROL if a.get("special") else USER_DEFINED)
+              for a in spec.get("added_tokens", [])]
+    for token, i, kind in typed:
+        if i >= vocab_size:
+            raise CheckpointError(f"tokenizer token {token!r} has id {i}, beyond the model's {vocab_size} "
+                                  f"embedding rows")
+        tokens[i], types[i] = token, kind
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {"tokens": tokens, "types": types, "merges": merges, "pre": names[0]}
+
+
+def _with_pre(backend, pre_tokenizer) -> str:
+    backend.pre_tokenizer = pre_tokenizer
+    return backend.to_str()
+
+
+def _write_metadata(writer: GGUFWriter, config: ModelConfig, qtype: Q, name: str, tokenizer) -> None:
+    """general.*, llama.* hyperparameters (what `config_from_gguf` and llama.cpp read) and the tokenizer."""
+    writer.add_name(name)
+    writer.add_file_type(int(LlamaFileType[_FILE_TYPES[qtype]]))
+    if qtype == Q.Q8_0:
+        writer.add_quantization_version(GGML_QUANT_VERSION)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_key_length(config.head_dim_)
+    writer.add_value_length(config.head_dim_)
+    writer.add_rope_dimension_count(config.head_dim_)
+    writer.add_rope_freq_base(float(config.rope_theta))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if tokenizer is not None:
+        fields = tokenizer_fields(tokenizer, config.vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(fields["pre"])
+        writer.add_token_list(fields["tokens"])
+        writer.add_token_types(fields["types"])
+        writer.add_token_merges(fields["merges"])
+        writer.add_add_bos_token(False)
+    for key in ("bos", "eos"):  # the tokenizer's own ids (they name its tokens) before the config's
+        token = getattr(tokenizer, f"{key}_token_id", None)
+        token = getattr(config, f"{key}_token_id") if token is None else token
+        if token is not None:
+            getattr(writer, f"add_{key}_token_id")(int(token))
+
+
+def save_gguf(params, config: ModelConfig, file: str | os.PathLike, tokenizer=None, dtype: str = "float32",
+              name: str = "plrd") -> Path:
+    """Write a dense llama model as one GGUF file the way llama.cpp's converter does: llama.* metadata, the
+    tokenizer, q/k rows permuted (`permute_rotary`), matrices in `dtype` (GGUF_TYPES), norms F32, no output
+    tensor when the head is tied. `load_gguf` and transformers' GGUF loader read it back."""
+    factorized = [path for path, spec in config.linears if spec.kind != "dense"]
+    if factorized:
+        raise CheckpointError(f"{factorized[0]} is a {config.linear(factorized[0]).kind} matrix; a GGUF holds "
+                              f"dense matrices only")
+    if config.qkv_bias:
+        raise CheckpointError("a model with q/k/v bias (Qwen2) cannot be written as a llama GGUF")
+    if dtype not in GGUF_TYPES:
+        raise CheckpointError(f"GGUF tensor type {dtype!r} is not one of {', '.join(GGUF_TYPES)}")
+    qtype = GGUF_TYPES[dtype]
+    writer = GGUFWriter(os.fspath(file), ARCHITECTURE)
+    _write_metadata(writer, config, qtype, name, tokenizer)
+    for hf, array in hf_state_dict(params, config).items():
+        if ".q_proj." in hf or ".k_proj." in hf:
+            array = permute_rotary(array, config.num_heads if ".q_proj." in hf else config.num_kv_heads)
+        data, raw_dtype = encode_tensor(hf, array, qtype)
+        writer.add_tensor(hf_name_to_gguf(hf), data, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(file)

@@ -41,7 +41,7 @@ class OutputError(ValueError):
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # HF model types we read, and how each one's attention differs from LLaMA's.
-MODEL_TYPES = {"llama": False, "mistral": False, "qwen2": True}  # model_type -> q/k/v bias
+MODEL_TYPES = {"llama": False, "mistral": False, "qwen2": True, "plrd_llama": False}  # model_type -> q/k/v bias
 EXPORT_ARCHITECTURES = {False: ("LlamaForCausalLM", "llama"), True: ("Qwen2ForCausalLM", "qwen2")}
 _HF_PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -136,7 +136,15 @@ def hf_layout(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int
         d_in, d_out = config.matrix_shape(path)
         keys = tuple(path.split("/"))
         hf = "lm_head" if path == "lm_head" else f"model.layers.{keys[0][7:]}.{_HF_PROJ[keys[-1]]}"
-        layout[f"{hf}.weight"] = ((*keys, "kernel"), (d_out, d_in), True)
+        spec = config.linear(path)
+        if spec.kind == "dense":
+            layout[f"{hf}.weight"] = ((*keys, "kernel"), (d_out, d_in), True)
+        else:  # factorized exports (io/modeling_plrd.py): A, B as (out, in) weights; sltrain's S as values + indices
+            layout[f"{hf}.A.weight"] = ((*keys, "A"), (spec.rank, d_in), True)
+            layout[f"{hf}.B.weight"] = ((*keys, "B"), (d_out, spec.rank), True)
+            if spec.kind == "sltrain":
+                layout[f"{hf}.sparse_values"] = ((*keys, "values"), (spec.nnz,), False)
+                layout[f"{hf}.sparse_indices"] = ((*keys, "indices"), (spec.nnz,), False)
         if config.qkv_bias and keys[-1] in ("q", "k", "v"):
             layout[f"{hf}.bias"] = ((*keys, "bias"), (d_out,), False)
     for i in range(config.num_layers):
@@ -168,7 +176,8 @@ def params_from_hf(tensors: Iterable[tuple[str, np.ndarray]], config: ModelConfi
         node = params
         for key in keys[:-1]:
             node = node.setdefault(key, {})
-        node[keys[-1]] = jnp.asarray(array.T if transposed else array, dtype=dtype)
+        integer = array.dtype.kind in "iu"  # sltrain's sparse indices stay int32
+        node[keys[-1]] = jnp.asarray(array.T if transposed else array, dtype=jnp.int32 if integer else dtype)
         seen.add(name)
     missing = [name for name in layout if name not in seen]
     if missing:
@@ -261,6 +270,9 @@ def load_hf(path: str | os.PathLike, dtype=None) -> tuple[ModelConfig, dict]:
     if not isinstance(hf, dict):
         raise CheckpointError(f"{config_file} is not a JSON object")
     config = config_from_hf(hf, dtype)
+    if hf.get("plrd_linears"):  # a factorized export: per-matrix kinds and ranks (plrd_jax.io.export)
+        from plrd_jax.io.export import linears_from_hf
+        config = linears_from_hf(hf, config)
     return config, params_from_hf(read_safetensors(safetensors_files(path)), config)
 
 

@@ -112,11 +112,32 @@ def _path_str(key_path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
 
 
+def fsdp_fallback(spec: PartitionSpec, shape: Sequence[int], mesh_shape: Mapping[str, int],
+                  axis: str = "fsdp") -> PartitionSpec:
+    """ZeRO-3 for every matrix: a 2-D-or-more parameter that no rule splits over `axis` (a factor B (rank, mlp)
+    when the tensor axis is 1, a factor A (mlp, rank) of a row-parallel matrix) gets `axis` on its largest
+    dimension that divides, so that no device holds a whole factor."""
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    used = {a for e in entries for a in ((e,) if isinstance(e, str) else (e or ()))}
+    n = mesh_shape.get(axis, 1)
+    if n == 1 or axis in used or len(shape) < 2:
+        return spec
+    for dim in sorted(range(len(shape)), key=lambda i: -shape[i]):
+        current = entries[dim]
+        targets = (current,) if isinstance(current, str) else tuple(current or ())
+        divisor = math.prod(mesh_shape[a] for a in targets)
+        if shape[dim] % (divisor * n) == 0:
+            entries[dim] = axis if not targets else (*targets, axis)
+            return PartitionSpec(*entries)
+    return spec
+
+
 def param_shardings(params, mesh: Mesh, rules: Mapping = RULES):
-    """Pytree of `NamedSharding` matching `params` (arrays or `jax.ShapeDtypeStruct`s)."""
+    """Pytree of `NamedSharding` matching `params` (arrays or `jax.ShapeDtypeStruct`s): the rules' partitioning,
+    plus `fsdp_fallback` for matrices the rules leave whole on every fsdp device."""
     def sharding(key_path, x):
         spec = partition_spec(logical_axes(_path_str(key_path), x.shape), x.shape, mesh.shape, rules)
-        return NamedSharding(mesh, spec)
+        return NamedSharding(mesh, fsdp_fallback(spec, x.shape, mesh.shape))
     return jax.tree_util.tree_map_with_path(sharding, params)
 
 

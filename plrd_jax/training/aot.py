@@ -3,8 +3,9 @@
 `plan_heal_step(config, heal, batch, seq_len, accelerator, ...)` lowers and compiles the healing step (with its
 teacher's forward, when it distils) from ShapeDtypeStructs only — no weights, no accelerator — over a mesh of the slice's chip
 count, then reads XLA's per-device memory analysis (arguments, outputs, temporaries) and cost analysis (FLOPs
-of one device's program). The step time implied at the chip's peak is FLOPs / peak (a lower bound), and MFU at
-a measured step time t is model FLOPs per step / (t · chips · peak) (`nn.accounting.model_flops_per_token`).
+of one device's program, loop bodies counted once). The step time implied at the chips' peak is the step's model
+FLOPs / (chips · peak) (a lower bound; `nn.accounting.model_flops_per_token`), and MFU at a measured step time t
+is model FLOPs / (t · chips · peak).
 
 Without the target's compiler (a TPU's needs libtpu and the chips), the program is compiled for as many CPU
 devices as the slice has chips, with the same mesh and shardings: the partitioning, each device's arguments
@@ -86,7 +87,9 @@ def check_mesh(config: ModelConfig, mesh_shape, chips: int, batch: int) -> tuple
 def plan_heal_step(config: ModelConfig, heal: HealConfig, batch: int, seq_len: int, slice_: Accelerator,
                    mesh_shape=(1, -1, 1), teacher: ModelConfig | None = None) -> dict:
     """Compile the heal step for `slice_` (see the module docstring); returns {"mesh", "heal": {memory_stats,
-    "flops" (one device's program), "step_s_at_peak", "fits"}, "model_flops" (the whole step's), "suggestion"}."""
+    "flops" (XLA's count of one device's program: a loop body such as the micro-batch scan counts once),
+    "fits"}, "model_flops" (the whole step's: 6N + attention per token, plus a teacher's 2N + attention),
+    "step_s_at_peak" (model_flops / (chips · peak)), "suggestion"}."""
     mesh_shape = check_mesh(config, mesh_shape, slice_.chips, batch)
     if jax.device_count() < slice_.chips:
         raise PlanError(f"{slice_.name} needs {slice_.chips} devices; this process sees {jax.device_count()} "
@@ -103,6 +106,9 @@ def plan_heal_step(config: ModelConfig, heal: HealConfig, batch: int, seq_len: i
     heal_compiled = step.lower(layout, tokens, teacher_abstract).compile()
     out = {"mesh": mesh_shape, "heal": _report(heal_compiled, slice_)}
     out["model_flops"] = model_flops_per_token(config, seq_len, training=True) * batch * seq_len
+    if teacher is not None:  # the teacher's forward, 2N + attention per token
+        out["model_flops"] += model_flops_per_token(teacher, seq_len, training=False) * batch * seq_len
+    out["step_s_at_peak"] = out["model_flops"] / (slice_.chips * slice_.peak_flops)
     out["suggestion"] = suggest(out["heal"], slice_, heal, config)
     return out
 
@@ -112,8 +118,7 @@ def _report(compiled, slice_: Accelerator) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float((cost or {}).get("flops", 0.0))
-    return {**stats, "flops": flops, "step_s_at_peak": flops / slice_.peak_flops,
-            "fits": stats["peak"] <= slice_.hbm_bytes}
+    return {**stats, "flops": flops, "fits": stats["peak"] <= slice_.hbm_bytes}
 
 
 def suggest(report: dict, slice_: Accelerator, heal: HealConfig, config: ModelConfig) -> str:

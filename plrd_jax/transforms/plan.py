@@ -216,13 +216,15 @@ def resolve_plan(params, plan: RankPlan) -> tuple[MatrixPlan, ...]:
     excluded = set(select(list(matrices), plan.exclude, skipped))
     selected = [p for p in select(list(matrices), plan.matrices, skipped) if p not in excluded]
     budget_ranks = _budget_ranks(params, matrices, selected, plan) if plan.budget is not None else {}
-    rows = []
+    rows, too_wide = [], []
     for path in selected:
         m = matrices[path]
         full = min(m.d_in, m.d_out)
         if plan.rank is not None:
-            if plan.rank > full:
-                raise PlanError(f"rank {plan.rank} for {path} exceeds min({m.d_in}, {m.d_out})")
+            if plan.rank > full:  # a narrower matrix (GQA's k, v) stays as it is; all of them: an error
+                too_wide.append(f"rank {plan.rank} for {path} exceeds min({m.d_in}, {m.d_out})")
+                rows.append(MatrixPlan(path, (m.d_in, m.d_out), m.rank, plan.rank, "keep", too_wide[-1]))
+                continue
             r = plan.rank
         elif plan.energy is not None:
             r = _rounded(_energy_rank(node_at(params, path), m, plan.energy), full, plan)
@@ -241,6 +243,8 @@ def resolve_plan(params, plan: RankPlan) -> tuple[MatrixPlan, ...]:
         else:
             rows.append(MatrixPlan(path, (m.d_in, m.d_out), m.rank, r, "keep",
                                    f"rank {r} is not below the current rank {m.rank}"))
+    if too_wide and len(too_wide) == len(rows):
+        raise PlanError(too_wide[0])
     return tuple(rows)
 
 
