@@ -347,4 +347,5 @@ def test_a_healed_member_scores_as_lm_evals_hf_model_and_our_zeroshot_command(tm
     np.testing.assert_allclose([d[0][0] for d in ours["capitals_rolling"]["resps"]],
                                [d[0][0] for d in hf["capitals_rolling"]["resps"]], rtol=1e-5)
     assert [d[0][0] for d in ours["capitals_generate"]["resps"]] == [d[0][0] for d in hf["capitals_generate"]["resps"]]
-    assert ours["capitals_cloze"]["metrics"]["acc,none"] > 0.5  # the member knows capitals: a real comparison
+    # the member knows capitals (chance: 0.25 and 0.5), so the equal accuracies compare real predictions
+    assert ours["capitals_cloze"]["metrics"]["acc,none"] > 0.4 and ours["capitals_partial"]["metrics"]["acc,none"] > 0.8

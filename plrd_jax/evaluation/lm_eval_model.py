@@ -1,10 +1,11 @@
 """An lm-evaluation-harness model: `lm_eval --model plrd_jax --model_args model=FAMILY_DIR:N ...`.
 
 Registration. The package declares `plrd_jax = "plrd_jax.evaluation.lm_eval_model:PlrdJaxLM"` in the entry-point
-group `lm_eval.models` (pyproject.toml), the group lm-eval's plugin discovery reads (EleutherAI/lm-evaluation-harness
-PR #4013: `get_model` registers every entry point of that group as a lazy placeholder, so this module is imported
-only when `--model plrd_jax` is asked for). Released lm-eval (0.4.13, 0.5.0.dev1) does not read entry points yet;
-with it, importing this module registers the model (`@register_model`), so
+group `lm_eval.models` (pyproject.toml), the group lm-eval's plugin discovery reads (`load_plugins` in
+lm_eval/api/registry.py, EleutherAI/lm-evaluation-harness PR #4013: `get_model` registers every entry point of the
+group as a lazy placeholder, so this module is imported only when `--model plrd_jax` is asked for). lm-eval releases
+up to 0.4.13 (and 0.5.0.dev1) read no entry points; with them, importing this module registers the model
+(`@register_model`), so
   - in Python: `import plrd_jax.evaluation.lm_eval_model` before `lm_eval.simple_evaluate(model="plrd_jax", ...)`
     (or pass `PlrdJaxLM(model=...)` itself as `model=`);
   - on the command line: `plrd-jax-lm-eval ARGS` (or `python -m plrd_jax.evaluation.lm_eval_model ARGS`), which
@@ -170,7 +171,9 @@ class PlrdJaxLM(LM):
     model_args: model (or pretrained), dtype (param and compute dtype; default as stored), batch_size (rows per
     jitted call; "auto" means 16), max_length (context in tokens; default the model's max_seq_len),
     max_gen_toks (default 256), add_bos_token (prepend BOS to every request, default False). lm-eval's device
-    and max_batch_size are accepted and ignored: JAX runs on its default device.
+    and max_batch_size are accepted and ignored: JAX runs on its default device. A scoring batch holds
+    batch_size × bucket × vocab float32 log-probs (as lm-eval's HF model does): for rolling windows of the full
+    context (SmolLM2: 8192 tokens × 49152) pass a small batch_size or a smaller max_length.
     """
 
     def __init__(self, model: str | None = None, pretrained: str | None = None, dtype: str | None = None,
