@@ -21,7 +21,7 @@ def test_topologies_and_meshes_are_checked_before_compiling(capsys):
     assert check_mesh(TINY, (1, -1, 1), 8, 8) == (1, 8, 1)
     with pytest.raises(PlanError, match="does not divide the slice's 8 chips"):
         check_mesh(TINY, (3, -1, 1), 8, 8)
-    with pytest.raises(PlanError, match="batch 4 does not divide"):
+    with pytest.raises(PlanError, match="a micro-batch of 4 sequences does not divide"):
         check_mesh(TINY, (1, -1, 1), 8, 4)
     with pytest.raises(PlanError, match="num_kv_heads 2 does not divide over tensor = 4"):
         check_mesh(TINY, (1, 2, 4), 8, 8)

@@ -70,7 +70,10 @@ def run(args) -> None:
     mesh = tuple(int(x) for x in args.mesh.split(","))
     parent = parent_config(args, args.preset).replace(dtype=args.dtype, remat=args.remat or "none")
     batch = args.batch_size or schedule.batch_size
-    check_mesh(parent, mesh, slice_.chips, batch)  # one-line errors before any compile
+    accum = args.grad_accum or schedule.heal.grad_accum
+    if batch % accum:
+        raise ValueError(f"--batch-size {batch} is not a multiple of --grad-accum {accum}")
+    check_mesh(parent, mesh, slice_.chips, batch // accum)  # one-line errors before any compile
     if jax.device_count() < slice_.chips:  # re-run with as many host CPU devices as the slice has chips
         env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
                                           f"--xla_force_host_platform_device_count={slice_.chips}".strip(),

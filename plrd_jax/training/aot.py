@@ -25,7 +25,7 @@ from plrd_jax.nn.accounting import model_flops_per_token
 from plrd_jax.nn.config import ModelConfig
 from plrd_jax.nn.model import abstract_params
 from plrd_jax.nn.sharding import make_mesh, param_shardings
-from plrd_jax.training.compile import memory_stats
+from plrd_jax.training.compile import compiler_options, memory_stats
 from plrd_jax.training.loop import state_layout
 from plrd_jax.training.optim import HealConfig, make_optimizer
 from plrd_jax.training.step import make_heal_step
@@ -76,7 +76,8 @@ def check_mesh(config: ModelConfig, mesh_shape, chips: int, batch: int) -> tuple
         raise PlanError(f"mesh {tuple(shape)} uses {math.prod(shape)} devices, the slice has {chips}")
     data, fsdp, tensor = shape
     if batch % (data * fsdp):
-        raise PlanError(f"batch {batch} does not divide over data × fsdp = {data * fsdp} devices")
+        raise PlanError(f"a micro-batch of {batch} sequences does not divide over data × fsdp = {data * fsdp} "
+                        "devices (fewer --grad-accum or a bigger --batch-size)")
     for name, size in (("hidden_size", config.hidden_size), ("intermediate_size", config.intermediate_size),
                        ("num_kv_heads", config.num_kv_heads)):
         if size % tensor:
@@ -90,7 +91,7 @@ def plan_heal_step(config: ModelConfig, heal: HealConfig, batch: int, seq_len: i
     "flops" (XLA's count of one device's program: a loop body such as the micro-batch scan counts once),
     "fits"}, "model_flops" (the whole step's: 6N + attention per token, plus a teacher's 2N + attention),
     "step_s_at_peak" (model_flops / (chips · peak)), "suggestion"}."""
-    mesh_shape = check_mesh(config, mesh_shape, slice_.chips, batch)
+    mesh_shape = check_mesh(config, mesh_shape, slice_.chips, batch // heal.grad_accum)
     if jax.device_count() < slice_.chips:
         raise PlanError(f"{slice_.name} needs {slice_.chips} devices; this process sees {jax.device_count()} "
                         f"(set XLA_FLAGS=--xla_force_host_platform_device_count={slice_.chips})")
@@ -103,13 +104,13 @@ def plan_heal_step(config: ModelConfig, heal: HealConfig, batch: int, seq_len: i
     step = make_heal_step(config, heal, mesh, shardings, teacher=teacher)
     micro = batch // heal.grad_accum
     tokens = jax.ShapeDtypeStruct((heal.grad_accum, micro, seq_len), jnp.int32)
-    heal_compiled = step.lower(layout, tokens, teacher_abstract).compile()
+    heal_compiled = step.lower(layout, tokens, teacher_abstract).compile(compiler_options=compiler_options(config))
     out = {"mesh": mesh_shape, "heal": _report(heal_compiled, slice_)}
     out["model_flops"] = model_flops_per_token(config, seq_len, training=True) * batch * seq_len
     if teacher is not None:  # the teacher's forward, 2N + attention per token
         out["model_flops"] += model_flops_per_token(teacher, seq_len, training=False) * batch * seq_len
     out["step_s_at_peak"] = out["model_flops"] / (slice_.chips * slice_.peak_flops)
-    out["suggestion"] = suggest(out["heal"], slice_, heal, config)
+    out["suggestion"] = suggest(out["heal"], slice_, heal, config, batch // (mesh_shape[0] * mesh_shape[1]))
     return out
 
 
@@ -121,8 +122,9 @@ def _report(compiled, slice_: Accelerator) -> dict:
     return {**stats, "flops": flops, "fits": stats["peak"] <= slice_.hbm_bytes}
 
 
-def suggest(report: dict, slice_: Accelerator, heal: HealConfig, config: ModelConfig) -> str:
-    """The flag that would make a step fit, from where its memory goes (no recompilation)."""
+def suggest(report: dict, slice_: Accelerator, heal: HealConfig, config: ModelConfig, max_accum: int) -> str:
+    """The flag that would make a step fit, from where its memory goes (no recompilation). max_accum: the most
+    micro-batches a step can be cut into (one sequence per batch device each)."""
     if report["fits"]:
         return "fits"
     resident = report["argument"]  # params, optimizer state and batch: what stays between steps
@@ -131,4 +133,9 @@ def suggest(report: dict, slice_: Accelerator, heal: HealConfig, config: ModelCo
     room = slice_.hbm_bytes - resident
     if config.remat == "none":
         return "--remat full (recompute each block in the backward pass), then re-plan"
-    return f"--grad-accum {heal.grad_accum * math.ceil(report['temp'] / room)} (smaller micro-batches)"
+    accum = heal.grad_accum * math.ceil(report["temp"] / room)
+    while accum <= max_accum and max_accum % accum:
+        accum += 1
+    if accum > max_accum:
+        return "a bigger slice (more fsdp) or a shorter --seq-len: one sequence per device already needs more"
+    return f"--grad-accum {accum} (smaller micro-batches)"
