@@ -357,5 +357,5 @@ def test_cli_modules_stay_small():
                 assert node.end_lineno - node.lineno + 1 <= 80, f"{path.name}:{node.name}"
     parser = cli.build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
-    assert list(commands) == ["eval", "info", "generate", "export", "family", "compress", "shear", "pretrain",
+    assert list(commands) == ["eval", "info", "generate", "export", "family", "compress", "shear", "pretrain", "plan",
                               "zeroshot", "tables"]

@@ -151,6 +151,7 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
 
 
 def generation_config(config: ModelConfig) -> dict[str, Any]:
+    """generation_config.json: the bos/eos ids `generate()` starts and stops with (greedy by default)."""
     return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
 
 
@@ -177,6 +178,7 @@ def staged_directory(out: str | os.PathLike):
     it is removed and `out` is left as it was. A write error (disk full, file too large) becomes an OutputError
     naming `out`."""
     out = Path(out).absolute()
+    created = [p for p in out.parents if not p.exists()]  # innermost first: removed again on failure
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -191,13 +193,15 @@ def staged_directory(out: str | os.PathLike):
             shutil.rmtree(old)
         else:
             tmp.rename(out)
-    except (OSError, SafetensorError) as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if not isinstance(e, (OSError, SafetensorError)):
+            raise
         reason = getattr(e, "strerror", None) or str(e).replace("\n", " ")
         raise OutputError(f"writing {out} failed ({reason}); nothing was written there") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def weight_bytes(directory: str | os.PathLike) -> int:
@@ -264,16 +268,18 @@ def export_model(params, config: ModelConfig, out: str | os.PathLike, *, tokeniz
     params, config = densify_params(params, config, densified)
     params = cast_params(params, stored)
     config = config.replace(param_dtype=stored, dtype=stored)
-    summary = {"out": str(out), "format": format, "dtype": dtype, "densify": densify, "densified": densified,
-               "params": count_params(params),
-               "factorized": len(config.linears), "dense": sum(1 for _ in config.matrix_paths()) - len(config.linears)}
+    name = (meta or {}).get("name") or Path(os.fspath(source or out)).name
+    factorized = len(config.linears)
+    summary = {"out": str(out), "name": name, "format": format, "dtype": dtype, "densify": densify,
+               "densified": densified, "params": count_params(params), "factorized": factorized,
+               "dense": sum(1 for _ in config.matrix_paths()) - factorized}
     with staged_directory(out) as tmp:
         if format == "hf":
             write_hf(tmp, params, config, tokenizer)
         else:
             from plrd_jax.io.gguf import save_gguf
 
-            save_gguf(params, config, tmp / GGUF_FILE, tokenizer, dtype, name=(meta or {}).get("name") or "plrd")
+            save_gguf(params, config, tmp / GGUF_FILE, tokenizer, dtype, name=summary["name"])
         summary["weight_bytes"] = weight_bytes(tmp)
         (tmp / "README.md").write_text(model_card(config, summary, meta, source, command))
     return summary
@@ -329,8 +335,7 @@ def model_card(config: ModelConfig, summary: dict, meta: dict | None = None, sou
                command: str | None = None) -> str:
     """README.md of an export: what the model is (parent, method, size, ranks, healing), how it evaluated, how to
     load it, and the command that wrote it (markdown)."""
-    meta = meta or {}
-    name = meta.get("name") or Path(summary["out"]).name
+    meta, name = meta or {}, summary.get("name") or Path(summary["out"]).name
     heal = meta.get("data", {}).get("heal", {}) if isinstance(meta.get("data"), dict) else {}
     share = f" ({100 * meta['compression']:.1f} % of the parent)" if meta.get("compression") else ""
     facts = [("source", source), ("parent", meta.get("parent")), ("method", meta.get("method")),

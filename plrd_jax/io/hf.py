@@ -10,6 +10,8 @@ Layout (LLaMA, Mistral, SmolLM2, Qwen2 names; HF weights are (out, in), our kern
   model.layers.N.post_attention_layernorm.weight   (d,)          -> layers_N/mlp_norm/scale
   model.norm.weight                                (d,)          -> final_norm/scale
   lm_head.weight                                   (vocab, d)    -> lm_head/kernel (transposed; absent when tied)
+  <projection>.A.weight, .B.weight                 (r, in), (out, r) -> …/A, …/B (transposed): a factorized
+                                                   export's low-rank matrix (`export.py`, config.json plrd_linears)
 """
 from __future__ import annotations
 
