@@ -215,6 +215,8 @@ def test_gguf_reads_back_in_plrd_jax_and_transformers(tmp_path, dtype, tie):
     reference = ours(config, params)
     loaded, restored, _ = load_model(tmp_path / "out" / "model.gguf")
     assert loaded.tie_embeddings == tie and not loaded.linears
+    from_dir, _, _ = load_model(tmp_path / "out")  # the export directory itself opens too
+    assert from_dir == loaded
     back = ours(loaded, restored)
     _, logits = theirs(tmp_path / "out", gguf_file="model.gguf")
     assert rel_error(back, reference) <= GGUF_TOLERANCE[dtype]

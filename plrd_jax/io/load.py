@@ -78,6 +78,9 @@ def load_model(spec: str | os.PathLike, dtype=None) -> tuple[ModelConfig, dict, 
         return config, params, tokenizer
     else:
         path = Path(spec)
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() and not (path / "config.json").is_file() else []
+    if len(ggufs) == 1:  # a GGUF export directory (export --format gguf)
+        path = ggufs[0]
     if path.is_dir():
         config, params = load_hf(path, dtype)
         tokenizer = None
