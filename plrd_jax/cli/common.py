@@ -87,7 +87,7 @@ def check_seq_len(seq_len: int, context: int):
 
 def check_out_dir(path, flag: str = "--out") -> None:
     """Refuse an output directory this process cannot create or write, before any model is loaded."""
-    from plrd_jax.io.hf import OutputError, check_writable
+    from plrd_jax.io.output import OutputError, check_writable
 
     try:
         check_writable(path)
@@ -97,7 +97,7 @@ def check_out_dir(path, flag: str = "--out") -> None:
 
 def check_out_file(path, flag: str = "--out") -> None:
     """Refuse an output file this process cannot create or write, before any work."""
-    from plrd_jax.io.hf import OutputError, check_writable
+    from plrd_jax.io.output import OutputError, check_writable
 
     try:
         check_writable(path, file=True)

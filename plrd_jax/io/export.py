@@ -24,21 +24,18 @@ full included) leaves no half-written directory where `out` was asked for.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
-from plrd_jax.io.hf import (SINGLE_FILE, CheckpointError, OutputError, check_writable, config_to_hf, hf_layout,
-                            hf_state_dict)
+from plrd_jax.io.hf import SINGLE_FILE, CheckpointError, config_to_hf, hf_layout, hf_state_dict
+from plrd_jax.io.output import staged_directory, OutputError, check_writable
 from plrd_jax.nn.accounting import count_params
 from plrd_jax.nn.config import DTYPES, ConfigError, LinearSpec, ModelConfig
 
@@ -170,38 +167,6 @@ def check_export_target(out: str | os.PathLike, force: bool = False, hint: str =
             raise OutputError(f"{out} is a directory but holds no exported model (no config.json or .gguf); "
                               f"refusing to replace it")
     check_writable(out.parent if out.exists() else out)
-
-
-@contextlib.contextmanager
-def staged_directory(out: str | os.PathLike):
-    """Yield a temporary sibling of `out` to write into; on success it replaces `out` (renames), on any failure
-    it is removed and `out` is left as it was. A write error (disk full, file too large) becomes an OutputError
-    naming `out`."""
-    out = Path(out).absolute()
-    created = [p for p in out.parents if not p.exists()]  # innermost first: removed again on failure
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        for file in tmp.iterdir():
-            os.chmod(file, 0o644)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            old = tmp.with_name(tmp.name + ".old")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        if not isinstance(e, (OSError, SafetensorError)):
-            raise
-        reason = getattr(e, "strerror", None) or str(e).replace("\n", " ")
-        raise OutputError(f"writing {out} failed ({reason}); nothing was written there") from None
 
 
 def weight_bytes(directory: str | os.PathLike) -> int:

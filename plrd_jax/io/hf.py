@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,16 +26,13 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from plrd_jax.io.output import check_writable, staged_directory
 from plrd_jax.nn.config import DTYPES, ConfigError, ModelConfig
 from plrd_jax.transforms.factorize import densify
 
 
 class CheckpointError(ValueError):
     """A checkpoint (file, directory, tensor or tokenizer) that cannot be read as the model it claims to be."""
-
-
-class OutputError(ValueError):
-    """An output location (file or directory) this process cannot create or write."""
 
 
 SINGLE_FILE = "model.safetensors"
@@ -57,8 +52,6 @@ def dtype_name(dtype) -> str:
     if name not in DTYPES:
         raise CheckpointError(f"unsupported dtype {name!r}; expected one of {', '.join(DTYPES)}")
     return name
-
-
 
 
 def _first(value):
@@ -316,32 +309,11 @@ def save_hf(params, config: ModelConfig, out_dir: str | os.PathLike, tokenizer=N
     out = Path(out_dir)
     check_save_target(out, overwrite)
     params, config = _dense(params, config)
-    created = _missing_ancestors(out.parent)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:
         save_file(hf_state_dict(params, config), str(tmp / SINGLE_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        for file in tmp.iterdir():
-            os.chmod(file, 0o644)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            old = tmp.with_name(tmp.name + ".old")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created:  # parents this call made, innermost first, when still empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        raise
     return out
 
 
@@ -361,35 +333,3 @@ def check_save_target(out_dir: str | os.PathLike, overwrite: bool = False, hint:
     check_writable(out.parent if out.exists() else out)
 
 
-def _missing_ancestors(path: Path) -> list[Path]:
-    """`path` and its parents that do not exist yet, innermost first."""
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
-
-
-def check_writable(path: str | os.PathLike, file: bool = False) -> None:
-    """Raise OutputError unless this process can create `path` (a directory, or a file with `file`) or write into
-    it where it exists. Creates nothing: a probe file in the nearest existing directory is removed at once.
-    Remote paths (`gs://...`) are left to their own client."""
-    text = os.fspath(path)
-    if "://" in text:
-        return
-    target = Path(text).expanduser().absolute()
-    if target.is_dir() and file:
-        raise OutputError(f"cannot write {target}: it is a directory")
-    if target.exists() and not target.is_dir() and not file:
-        raise OutputError(f"cannot write {target}: it is a file, not a directory")
-    folder = target if target.is_dir() else target.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise OutputError(f"cannot create {target}: {folder} is a file, not a directory")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".plrd-write-probe-", dir=folder)
-    except OSError as e:
-        raise OutputError(f"cannot write {target}: {folder} is not writable ({e.strerror})") from None
-    os.close(handle)
-    os.unlink(probe)

@@ -22,7 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from plrd_jax.io.hf import check_writable
+from plrd_jax.io.output import check_writable
 from plrd_jax.nn.config import ModelConfig
 
 
