@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from plrd_jax.io.hf import SINGLE_FILE, CheckpointError, config_to_hf, hf_layout, hf_state_dict
+from plrd_jax.io.hf import EXPORTABLE_KINDS, SINGLE_FILE, config_to_hf, hf_state_dict, linears_to_hf
 from plrd_jax.io.output import staged_directory, OutputError, check_writable
 from plrd_jax.nn.accounting import count_params
 from plrd_jax.nn.config import DTYPES, ConfigError, LinearSpec, ModelConfig
@@ -42,10 +41,8 @@ from plrd_jax.nn.config import DTYPES, ConfigError, LinearSpec, ModelConfig
 FORMATS = ("hf", "gguf")
 DENSIFY_MODES = ("auto", "all", "none")
 EXPORT_DTYPES = (*DTYPES, "q8_0")  # q8_0: GGUF only
-EXPORTABLE_KINDS = ("lowrank", "sltrain")
 MODEL_TYPE, MODELING_FILE, GGUF_FILE = "plrd_llama", "modeling_plrd.py", "model.gguf"
 AUTO_MAP = {"AutoConfig": "modeling_plrd.PlrdLlamaConfig", "AutoModelForCausalLM": "modeling_plrd.PlrdLlamaForCausalLM"}
-_HF_MODULE = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj")
 
 
 # ---- which matrices stay factorized ---------------------------------------------------------------
@@ -100,44 +97,6 @@ def cast_params(params, dtype: str):
 
 
 # ---- config.json ----------------------------------------------------------------------------------
-def linears_to_hf(config: ModelConfig) -> dict[str, dict]:
-    """config.json's `plrd_linears`: HF module name ("model.layers.0.mlp.up_proj", "lm_head") -> spec fields."""
-    out = {}
-    for name, (keys, _, _) in hf_layout(config).items():
-        if keys[-1] == "A":
-            spec = config.linear("/".join(keys[:-1]))
-            fields = {"kind": spec.kind, "rank": spec.rank}
-            if spec.kind == "sltrain":
-                fields.update(nnz=spec.nnz, alpha=spec.alpha)
-            out[name[: -len(".A.weight")]] = fields
-    return out
-
-
-def linears_from_hf(hf: dict[str, Any], config: ModelConfig) -> ModelConfig:
-    """`config` with the per-matrix kinds and ranks of config.json's `plrd_linears` (the inverse of
-    `linears_to_hf`); an unknown module or a malformed spec is a CheckpointError naming it."""
-    linears = hf.get("plrd_linears")
-    if not isinstance(linears, dict):
-        raise CheckpointError("config.json's plrd_linears is not an object {module: {kind, rank, ...}}")
-    specs = {}
-    for module, fields in linears.items():
-        m = _HF_MODULE.fullmatch(module)
-        path = f"layers_{m[1]}/{'attn' if m[2] == 'self_attn' else 'mlp'}/{m[3]}" if m else None
-        path = "lm_head" if module == "lm_head" else path
-        if not path or not isinstance(fields, dict) or fields.get("kind") not in EXPORTABLE_KINDS:
-            raise CheckpointError(f"config.json's plrd_linears entry {module!r}: {fields} is not a lowrank or "
-                                  f"sltrain spec of a LLaMA projection")
-        try:
-            specs[path] = LinearSpec(fields["kind"], rank=fields.get("rank"), nnz=fields.get("nnz"),
-                                     alpha=fields.get("alpha"))
-        except (ConfigError, TypeError) as e:
-            raise CheckpointError(f"config.json's plrd_linears entry {module!r}: {e}") from None
-    try:
-        return config.with_linears(specs)  # re-runs the config's rank and shape checks
-    except ConfigError as e:
-        raise CheckpointError(f"config.json's plrd_linears: {e}") from None
-
-
 def hf_config(config: ModelConfig) -> dict[str, Any]:
     """config.json: plain LLaMA when every matrix is dense, else the plrd_llama model with its `plrd_linears`."""
     hf = config_to_hf(config)

@@ -169,8 +169,6 @@ def load_gguf(source: str | os.PathLike | GGUFReader, dtype=None) -> tuple[Model
 GGUF_TYPES = {"float32": Q.F32, "float16": Q.F16, "bfloat16": Q.BF16, "q8_0": Q.Q8_0}
 _FILE_TYPES = {Q.F32: "ALL_F32", Q.F16: "MOSTLY_F16", Q.BF16: "MOSTLY_BF16", Q.Q8_0: "MOSTLY_Q8_0"}
 _TO_GGUF = {**{hf: gguf for gguf, hf in _GLOBAL_NAMES.items()}, **{hf: gguf for gguf, hf in _BLOCK_NAMES.items()}}
-_PRE_NAMES = ("gpt2", "smollm", "llama-bpe", "qwen2")  # llama.cpp pre-tokenizer names we can recognize
-NORMAL, UNUSED, CONTROL, USER_DEFINED = 1, 5, 3, 4  # llama.cpp token types
 
 
 def hf_name_to_gguf(name: str) -> str:
@@ -201,44 +199,6 @@ def encode_tensor(name: str, array: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q
     return quantize(array, qtype), qtype
 
 
-def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
-    """llama.cpp's `tokenizer.ggml.*` of a byte-level BPE tokenizer (the only kind `Tokenizer.from_gguf` rebuilds
-    from tokens + merges): tokens by id padded to `vocab_size` with UNUSED "[PADi]", token types (special added
-    tokens CONTROL, other added tokens USER_DEFINED), merges "a b", and the pre-tokenizer's llama.cpp name."""
-    import json
-
-    from tokenizers import Tokenizer as Backend, models
-
-    from plrd_jax.io.tokenizer import BYTE_LEVEL_PRE
-
-    spec = json.loads(tokenizer.backend.to_str())
-    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer")
-    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise CheckpointError(f"a {model.get('type')} tokenizer without a ByteLevel decoder cannot be written to "
-                              f"GGUF; only byte-level BPE tokenizers can")
-    names = [n for n in _PRE_NAMES if json.loads(_with_pre(Backend(models.BPE()), BYTE_LEVEL_PRE[n]()))
-             .get("pre_tokenizer") == pre]
-    if not names:
-        raise CheckpointError(f"the tokenizer's pre-tokenizer {json.dumps(pre)[:80]} matches none that GGUF "
-                              f"names ({', '.join(_PRE_NAMES)})")
-    tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED] * vocab_size
-    typed = [(t, i, NORMAL) for t, i in model["vocab"].items()]
-    typed += [(a["content"], a["id"], CONTROL if a.get("special") else USER_DEFINED)
-              for a in spec.get("added_tokens", [])]
-    for token, i, kind in typed:
-        if i >= vocab_size:
-            raise CheckpointError(f"tokenizer token {token!r} has id {i}, beyond the model's {vocab_size} "
-                                  f"embedding rows")
-        tokens[i], types[i] = token, kind
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return {"tokens": tokens, "types": types, "merges": merges, "pre": names[0]}
-
-
-def _with_pre(backend, pre_tokenizer) -> str:
-    backend.pre_tokenizer = pre_tokenizer
-    return backend.to_str()
-
-
 def _write_metadata(writer: GGUFWriter, config: ModelConfig, qtype: Q, name: str, tokenizer) -> None:
     """general.*, llama.* hyperparameters (what `config_from_gguf` and llama.cpp read) and the tokenizer."""
     writer.add_name(name)
@@ -258,7 +218,7 @@ def _write_metadata(writer: GGUFWriter, config: ModelConfig, qtype: Q, name: str
     writer.add_rope_freq_base(float(config.rope_theta))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     if tokenizer is not None:
-        fields = tokenizer_fields(tokenizer, config.vocab_size)
+        fields = tokenizer.gguf_fields(config.vocab_size)  # plrd_jax.io.tokenizer.Tokenizer
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(fields["pre"])
         writer.add_token_list(fields["tokens"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from plrd_jax.io.output import check_writable, staged_directory
-from plrd_jax.nn.config import DTYPES, ConfigError, ModelConfig
+from plrd_jax.nn.config import DTYPES, ConfigError, LinearSpec, ModelConfig
 from plrd_jax.transforms.factorize import densify
 
 
@@ -266,7 +267,6 @@ def load_hf(path: str | os.PathLike, dtype=None) -> tuple[ModelConfig, dict]:
         raise CheckpointError(f"{config_file} is not a JSON object")
     config = config_from_hf(hf, dtype)
     if hf.get("plrd_linears"):  # a factorized export: per-matrix kinds and ranks (plrd_jax.io.export)
-        from plrd_jax.io.export import linears_from_hf
         config = linears_from_hf(hf, config)
     return config, params_from_hf(read_safetensors(safetensors_files(path)), config)
 
@@ -333,3 +333,44 @@ def check_save_target(out_dir: str | os.PathLike, overwrite: bool = False, hint:
     check_writable(out.parent if out.exists() else out)
 
 
+# ---- per-matrix kinds and ranks in config.json (factorized exports) ----------------------------------------
+EXPORTABLE_KINDS = ("lowrank", "sltrain")
+_HF_MODULE = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj")
+
+
+def linears_to_hf(config: ModelConfig) -> dict[str, dict]:
+    """config.json's `plrd_linears`: HF module name ("model.layers.0.mlp.up_proj", "lm_head") -> spec fields."""
+    out = {}
+    for name, (keys, _, _) in hf_layout(config).items():
+        if keys[-1] == "A":
+            spec = config.linear("/".join(keys[:-1]))
+            fields = {"kind": spec.kind, "rank": spec.rank}
+            if spec.kind == "sltrain":
+                fields.update(nnz=spec.nnz, alpha=spec.alpha)
+            out[name[: -len(".A.weight")]] = fields
+    return out
+
+
+def linears_from_hf(hf: dict[str, Any], config: ModelConfig) -> ModelConfig:
+    """`config` with the per-matrix kinds and ranks of config.json's `plrd_linears` (the inverse of
+    `linears_to_hf`); an unknown module or a malformed spec is a CheckpointError naming it."""
+    linears = hf.get("plrd_linears")
+    if not isinstance(linears, dict):
+        raise CheckpointError("config.json's plrd_linears is not an object {module: {kind, rank, ...}}")
+    specs = {}
+    for module, fields in linears.items():
+        m = _HF_MODULE.fullmatch(module)
+        path = f"layers_{m[1]}/{'attn' if m[2] == 'self_attn' else 'mlp'}/{m[3]}" if m else None
+        path = "lm_head" if module == "lm_head" else path
+        if not path or not isinstance(fields, dict) or fields.get("kind") not in EXPORTABLE_KINDS:
+            raise CheckpointError(f"config.json's plrd_linears entry {module!r}: {fields} is not a lowrank or "
+                                  f"sltrain spec of a LLaMA projection")
+        try:
+            specs[path] = LinearSpec(fields["kind"], rank=fields.get("rank"), nnz=fields.get("nnz"),
+                                     alpha=fields.get("alpha"))
+        except (ConfigError, TypeError) as e:
+            raise CheckpointError(f"config.json's plrd_linears entry {module!r}: {e}") from None
+    try:
+        return config.with_linears(specs)  # re-runs the config's rank and shape checks
+    except ConfigError as e:
+        raise CheckpointError(f"config.json's plrd_linears: {e}") from None

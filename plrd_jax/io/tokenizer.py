@@ -20,7 +20,7 @@ from tokenizers import Tokenizer as Backend
 from plrd_jax.io.gguf import metadata, open_gguf
 from plrd_jax.io.hf import CheckpointError, read_json
 
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+NORMAL, UNUSED, CONTROL, USER_DEFINED = 1, 5, 3, 4  # llama.cpp token types
 _GPT2_BYTE_LEVEL = dict(add_prefix_space=False, trim_offsets=True, use_regex=True)
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -92,6 +92,32 @@ class Tokenizer:
         return hashlib.sha256(text.encode()).hexdigest()
 
     # ---- files -------------------------------------------------------------------------------------
+    def gguf_fields(self, vocab_size: int) -> dict:
+        """llama.cpp's `tokenizer.ggml.*` of a byte-level BPE tokenizer (the only kind `Tokenizer.from_gguf` rebuilds
+        from tokens + merges): tokens by id padded to `vocab_size` with UNUSED "[PADi]", token types (special added
+        tokens CONTROL, other added tokens USER_DEFINED), merges "a b", and the pre-tokenizer's llama.cpp name."""
+        spec = json.loads(self.backend.to_str())
+        model, pre = spec.get("model") or {}, spec.get("pre_tokenizer")
+        if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+            raise CheckpointError(f"a {model.get('type')} tokenizer without a ByteLevel decoder cannot be written to "
+                                  f"GGUF; only byte-level BPE tokenizers can")
+        names = [n for n in _PRE_NAMES if json.loads(_with_pre(Backend(models.BPE()), BYTE_LEVEL_PRE[n]()))
+                 .get("pre_tokenizer") == pre]
+        if not names:
+            raise CheckpointError(f"the tokenizer's pre-tokenizer {json.dumps(pre)[:80]} matches none that GGUF "
+                                  f"names ({', '.join(_PRE_NAMES)})")
+        tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED] * vocab_size
+        typed = [(t, i, NORMAL) for t, i in model["vocab"].items()]
+        typed += [(a["content"], a["id"], CONTROL if a.get("special") else USER_DEFINED)
+                  for a in spec.get("added_tokens", [])]
+        for token, i, kind in typed:
+            if i >= vocab_size:
+                raise CheckpointError(f"tokenizer token {token!r} has id {i}, beyond the model's {vocab_size} "
+                                      f"embedding rows")
+            tokens[i], types[i] = token, kind
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        return {"tokens": tokens, "types": types, "merges": merges, "pre": names[0]}
+
     def save(self, out_dir: str | os.PathLike) -> None:
         """tokenizer.json + tokenizer_config.json, readable by transformers' AutoTokenizer."""
         out = Path(out_dir)
@@ -212,3 +238,11 @@ def add_typed_tokens(backend: Backend, tokens: list[str], types: list[int], byte
         backend.add_special_tokens(control)
     if user:
         backend.add_tokens(user)
+
+
+_PRE_NAMES = ("gpt2", "smollm", "llama-bpe", "qwen2")  # llama.cpp pre-tokenizer names we can recognize
+
+
+def _with_pre(backend, pre_tokenizer) -> str:
+    backend.pre_tokenizer = pre_tokenizer
+    return backend.to_str()
