@@ -11,7 +11,8 @@ import sys
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[2]}"
 sys.path.insert(0, os.path.dirname(__file__))
 
-from plrd_jax.training.distributed import ProcessLocalData, initialize, is_main_process, main_process_output  # noqa: E402
+from plrd_jax.data.windows import ProcessLocalData  # noqa: E402
+from plrd_jax.training.distributed import initialize, is_main_process, main_process_output
 
 INFO = initialize()  # before anything touches a device
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from family_run import SCHEDULE
 
-from plrd_jax.training.distributed import DistributedError, ProcessLocalData, process_info_from_env, process_rows
+from plrd_jax.data.windows import ProcessLocalData
+from plrd_jax.training.distributed import DistributedError, process_info_from_env, process_rows
 from plrd_jax.nn.sharding import batch_sharding, make_mesh
 
 HERE = os.path.dirname(__file__)

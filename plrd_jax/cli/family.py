@@ -187,7 +187,7 @@ def _family_data(args, schedule, calibration_spec, config, params, tokenizer, me
                          f"{schedule.seq_len}; the schedule calibrates on {schedule.calibration_windows}")
     if jax.process_count() > 1:  # multi-host: each host feeds only its rows of every global batch
         from plrd_jax.nn.sharding import batch_sharding, make_mesh
-        from plrd_jax.training.distributed import ProcessLocalData
+        from plrd_jax.data.windows import ProcessLocalData
 
         heal_data = ProcessLocalData(heal_data, batch_sharding(make_mesh(mesh_shape)))
     return heal_data, calibration, corpora, unseen

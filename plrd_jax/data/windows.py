@@ -19,10 +19,13 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
+import jax
 import numpy as np
+from jax.sharding import NamedSharding
 
 
 from plrd_jax.data.corpora import DataError, load_documents
+from plrd_jax.training.distributed import global_batch, process_rows
 
 
 class Tokenizer(Protocol):
@@ -225,3 +228,36 @@ def load_dataset(source: str | os.PathLike, tokenizer: Tokenizer, seq_len: int, 
     if text_field != "text":
         spec["text_field"] = text_field
     return TokenDataset(windows, spec)
+
+
+class ProcessLocalData:
+    """A `TokenDataset` view for multi-host healing: `batch_at(step, B, seed)` is the same global batch
+    [B, T] as the dataset's, as a global array on `sharding`, each process reading only its own rows.
+
+    `seq_len`, `windows`, `spec` and `len()` pass through, so it stands in for the dataset in `run_family`.
+    """
+
+    def __init__(self, dataset, sharding: NamedSharding):
+        self.dataset = dataset
+        self.sharding = sharding
+
+    @property
+    def seq_len(self) -> int:
+        return self.dataset.seq_len
+
+    @property
+    def windows(self) -> np.ndarray:
+        return self.dataset.windows
+
+    @property
+    def spec(self):
+        return self.dataset.spec
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batch_at(self, step: int, batch_size: int, seed: int | None = None) -> jax.Array:
+        shape = (batch_size, self.seq_len)
+        rows = process_rows(self.sharding, shape)
+        indices = batch_indices(len(self.dataset.windows), step, batch_size, seed)[rows]
+        return global_batch(self.dataset.windows[indices], self.sharding, shape)

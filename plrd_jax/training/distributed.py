@@ -7,7 +7,6 @@
   is_main_process()      process 0: the only one that prints, logs and draws progress bars
   process_rows()         the rows of a global batch whose devices this process owns
   global_batch()         a global `jax.Array` from this process's rows (`jax.make_array_from_process_local_data`)
-  ProcessLocalData       a token dataset whose `batch_at` reads only this process's rows of each global batch
 
 Params that every process holds identically (a loaded parent, a transformed member) go onto a global sharding
 with `jax.device_put`; the family store (Orbax) saves collectively: every process calls `save` with the
@@ -137,38 +136,3 @@ def batch_sharding_of(mesh: Mesh) -> NamedSharding:
     from plrd_jax.nn.sharding import batch_sharding
 
     return batch_sharding(mesh)
-
-
-class ProcessLocalData:
-    """A `TokenDataset` view for multi-host healing: `batch_at(step, B, seed)` is the same global batch
-    [B, T] as the dataset's, as a global array on `sharding`, each process reading only its own rows.
-
-    `seq_len`, `windows`, `spec` and `len()` pass through, so it stands in for the dataset in `run_family`.
-    """
-
-    def __init__(self, dataset, sharding: NamedSharding):
-        self.dataset = dataset
-        self.sharding = sharding
-
-    @property
-    def seq_len(self) -> int:
-        return self.dataset.seq_len
-
-    @property
-    def windows(self) -> np.ndarray:
-        return self.dataset.windows
-
-    @property
-    def spec(self):
-        return self.dataset.spec
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def batch_at(self, step: int, batch_size: int, seed: int | None = None) -> jax.Array:
-        from plrd_jax.data.windows import batch_indices
-
-        shape = (batch_size, self.seq_len)
-        rows = process_rows(self.sharding, shape)
-        indices = batch_indices(len(self.dataset.windows), step, batch_size, seed)[rows]
-        return global_batch(self.dataset.windows[indices], self.sharding, shape)
