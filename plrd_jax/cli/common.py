@@ -34,26 +34,20 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
-    return value
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be {what}")
+        return value
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
+positive_int = _int_at_least(1, "a positive integer")  # argparse type: an integer >= 1
+nonnegative_int = _int_at_least(0, "0 or more")  # argparse type: an integer >= 0
 
 
 def _float(text: str) -> float:
@@ -229,3 +223,21 @@ def describe_os_error(err: OSError) -> str:
     if err.strerror and err.filename:
         return f"{err.filename}: {err.strerror}"
     return str(err) or type(err).__name__
+
+
+class StepBars:
+    """One tqdm progress bar per running stage (member or phase), on stderr; `close()` ends every open one."""
+
+    def __init__(self):
+        self.bars = {}
+
+    def open(self, key, total: int, desc: str, initial: int = 0) -> None:
+        from tqdm.auto import tqdm
+
+        self.bars[key] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True,
+                              initial=initial)
+
+    def close(self):
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()

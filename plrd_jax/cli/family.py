@@ -8,8 +8,8 @@ import sys
 import jax
 
 from plrd_jax.cli.common import (ALLOCATIONS, DECOMPOSITIONS, DEFAULT_EVAL_DATA, DEFAULT_HEAL_DATA, DEFAULT_MODEL,
-                                 DTYPES, MESH_HELP, check_out_dir, check_seq_len, check_sources, evaluation_corpora,
-                                 nonnegative_int, parent_samples, positive_int, print_summary)
+                                 DTYPES, MESH_HELP, StepBars, check_out_dir, check_seq_len, check_sources,
+                                 evaluation_corpora, nonnegative_int, parent_samples, positive_int, print_summary)
 
 RESUMES = True
 
@@ -193,11 +193,11 @@ def _family_data(args, schedule, calibration_spec, config, params, tokenizer, me
     return heal_data, calibration, corpora, unseen
 
 
-class FamilyEvents:
+class FamilyEvents(StepBars):
     """run_family's on_event: the parent's PPL, a progress bar per member, a line per finished member."""
 
     def __init__(self):
-        self.bars = {}
+        super().__init__()
         self.parent_ppl = None
 
     def __call__(self, kind, info):
@@ -205,10 +205,7 @@ class FamilyEvents:
             self.parent_ppl = info["ppl"]
             print("  parent PPL " + ", ".join(f"{n} {v:.4g}" for n, v in info["ppl"].items()), file=sys.stderr)
         elif kind == "stage":
-            from tqdm.auto import tqdm
-
-            self.bars[info["member"]] = tqdm(total=info["steps"], desc=f"member {info['member']} {info['name']}",
-                                             unit="step", file=sys.stderr, dynamic_ncols=True)
+            self.open(info["member"], info["steps"], f"member {info['member']} {info['name']}")
         elif kind == "step":
             bar = self.bars[info["member"]]
             bar.n = info["step"] - 1
@@ -216,11 +213,6 @@ class FamilyEvents:
             bar.update(1)
         elif kind == "member":
             self.member(info)
-
-    def close(self):
-        for bar in self.bars.values():
-            bar.close()
-        self.bars.clear()
 
     def member(self, info):
         from plrd_jax.evaluation.perplexity import geomean_ratio, ratios_to_parent

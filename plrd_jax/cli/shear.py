@@ -5,8 +5,9 @@ import dataclasses
 import os
 import sys
 
-from plrd_jax.cli.common import (DEFAULT_EVAL_DATA, DEFAULT_MODEL, DTYPES, MESH_HELP, check_out_dir, check_seq_len,
-                                 check_sources, evaluation_corpora, nonnegative_int, positive_int, print_summary)
+from plrd_jax.cli.common import (DEFAULT_EVAL_DATA, DEFAULT_MODEL, DTYPES, MESH_HELP, StepBars, check_out_dir,
+                                 check_seq_len, check_sources, evaluation_corpora, nonnegative_int, positive_int,
+                                 print_summary)
 
 RESUMES = True
 
@@ -190,23 +191,19 @@ def _domain_windows(args, schedule, sources, tokenizer):
             for name, src in sources.items()}
 
 
-class ShearEvents:
+class ShearEvents(StepBars):
     """run_shear's on_event: reference losses, a progress bar per phase, domain weights, a line per member."""
 
     def __init__(self, parent_ppl):
+        super().__init__()
         self.parent_ppl = parent_ppl
-        self.bars = {}
 
     def __call__(self, kind, info):
-        from tqdm.auto import tqdm
-
         if kind == "references":
             print("reference losses " + ", ".join(f"{n} {x:.3f}" for n, x in zip(info["names"], info["losses"])),
                   file=sys.stderr)
         elif kind == "stage":
-            self.bars[info["member"]] = tqdm(total=info["steps"], desc=f"{info['name']} {info['phase']}",
-                                             unit="step", file=sys.stderr, dynamic_ncols=True,
-                                             initial=info["resume_step"] or 0)
+            self.open(info["member"], info["steps"], f"{info['name']} {info['phase']}", info["resume_step"] or 0)
         elif kind == "step":
             self.step(info)
         elif kind == "weights":
@@ -214,11 +211,6 @@ class ShearEvents:
                 f"{n} {w:.3f}" for n, w in zip(info["names"], info["weights"])), file=sys.stderr)
         elif kind == "member":
             self.member(info)
-
-    def close(self):
-        for bar in self.bars.values():
-            bar.close()
-        self.bars.clear()
 
     def step(self, info):
         bar = self.bars[info["member"]]
