@@ -104,22 +104,16 @@ def perplexity(model: ModelConfig | ApplyFn, params, windows: np.ndarray, batch_
 
 
 def perplexities(model: ModelConfig | ApplyFn, params, corpora, batch_size: int = 8,
-                 progress: Callable[[str, int, int], None] | None = None) -> dict[str, Perplexity]:
-    """`perplexity` on each corpus of `corpora` {name: windows [N, T]}, in order; progress(name, done, total)."""
-    return {name: perplexity(model, params, windows, batch_size=batch_size,
-                             progress=None if progress is None else functools.partial(progress, name))
-            for name, windows in corpora.items()}
-
-
-def evaluate_corpora(model: ModelConfig | ApplyFn, params, corpora, batch_size: int = 8,
-                     report: Callable[..., None] = lambda **info: None) -> dict[str, float]:
-    """corpus -> PPL of the model on each of `corpora` ({name: windows [N, T]}); after each corpus
-    `report(corpus=name, **Perplexity.to_dict())` (a progress hook: the library never prints)."""
+                 progress: Callable[[str, int, int], None] | None = None,
+                 report: Callable[..., None] | None = None) -> dict[str, Perplexity]:
+    """`perplexity` on each corpus of `corpora` {name: windows [N, T]}, in order; progress(name, done, total)
+    within a corpus, report(corpus=name, **Perplexity.to_dict()) after it (hooks: the library never prints)."""
     out = {}
     for name, windows in corpora.items():
-        result = perplexity(model, params, windows, batch_size=batch_size)
-        report(corpus=name, **result.to_dict())
-        out[name] = result.ppl
+        out[name] = perplexity(model, params, windows, batch_size=batch_size,
+                               progress=None if progress is None else functools.partial(progress, name))
+        if report is not None:
+            report(corpus=name, **out[name].to_dict())
     return out
 
 

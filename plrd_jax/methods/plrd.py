@@ -24,7 +24,7 @@ import numpy as np
 from plrd_jax.transforms.calibrate import calibrate
 from plrd_jax.nn.config import ModelConfig
 from plrd_jax.configs import Presets
-from plrd_jax.evaluation.perplexity import evaluate_corpora
+from plrd_jax.evaluation.perplexity import perplexities
 from plrd_jax.io.store import FamilyStore, StoreError
 from plrd_jax.nn.accounting import count_params
 from plrd_jax.nn.model import abstract_params
@@ -317,5 +317,6 @@ class _FamilyRun:
 
 def _eval(config, params, eval_sets, batch_size, on_event, when, member) -> dict[str, float]:
     """corpus -> PPL of the model on each evaluation corpus; one "eval" event per corpus."""
-    return evaluate_corpora(config, params, eval_sets, batch_size,
-                            lambda **info: on_event("eval", {"member": member, "when": when, **info}))
+    return {name: r.ppl for name, r in perplexities(
+        config, params, eval_sets, batch_size,
+        report=lambda **info: on_event("eval", {"member": member, "when": when, **info})).items()}

@@ -34,7 +34,7 @@ import numpy as np
 import plrd_jax.data.dynamic_loading as dl
 import plrd_jax.nn.masks as M
 from plrd_jax.configs import Presets
-from plrd_jax.evaluation.perplexity import evaluate_corpora, perplexity
+from plrd_jax.evaluation.perplexity import perplexities, perplexity
 from plrd_jax.io.store import FamilyStore, StoreError
 from plrd_jax.methods.l0_pruning import (L0Config, init_prune_state, make_prune_step, masked_apply_fn,
                                          prune_state_layout)
@@ -340,4 +340,5 @@ def _continue_phase(index, member, config, params, loader, ppl_before, P, C, sta
     return result
 
 def _eval(config, params, eval_sets, batch_size, event, when) -> dict[str, float]:
-    return evaluate_corpora(config, params, eval_sets, batch_size, lambda **info: event("eval", when=when, **info))
+    return {name: r.ppl for name, r in perplexities(
+        config, params, eval_sets, batch_size, report=lambda **info: event("eval", when=when, **info)).items()}
