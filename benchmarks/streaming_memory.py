@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -77,51 +76,25 @@ def sheared_masks(layers: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def child(checkpoint: str, family: str, rank: int, matrices: str, out: str, prune: bool = False) -> None:
     """Runs in its own process: the measurement itself."""
-    import resource
-    import threading
-
-    import psutil
-
     sys.path.insert(0, str(ROOT))
     import jax
+    from memory import RssSampler, ru_maxrss
 
     from plrd_jax.io.streaming import factorize_streamed, prune_streamed
     from plrd_jax.transforms.plan import RankPlan
 
     jax.devices()
-    process = psutil.Process()
-    baseline = process.memory_info().rss
-    samples: list[tuple[float, int]] = []
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            samples.append((time.perf_counter(), process.memory_info().rss))
-            time.sleep(0.005)
-
-    events: list[tuple[float, str, str]] = []
-    sampler = threading.Thread(target=sample, daemon=True)
-    t0 = time.perf_counter()
-    sampler.start()
     plan = RankPlan(tuple(matrices.split(",")), rank=rank) if rank else {}  # rank 0: copy only (the I/O path)
-    maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731 (Linux: KiB)
-    progress = lambda info: events.append((time.perf_counter(), info["tensor"], info["layer"], maxrss()))  # noqa: E731
-    if prune:
-        layers = json.loads((Path(checkpoint) / "config.json").read_text())["num_hidden_layers"]
-        meta = prune_streamed(checkpoint, sheared_masks(layers), family, name="sheared-widths", progress=progress)
-    else:
-        meta = factorize_streamed(checkpoint, plan, family, name=f"r{rank}", progress=progress)
-    stop.set()
-    sampler.join()
-    per_tensor, start = [], t0
-    for t, tensor, layer, high_water in events:
-        window = [rss for ts, rss in samples if start <= ts <= t] or [samples[-1][1]]
-        per_tensor.append({"tensor": tensor, "layer": layer, "seconds": t - start, "peak_rss": max(window),
-                           "ru_maxrss_after": high_water})
-        start = t
-    result = {"baseline_rss": baseline, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-              "sampled_peak_rss": max(rss for _, rss in samples), "seconds": time.perf_counter() - t0,
-              "per_tensor": per_tensor, "member_params": meta["params"], "rank": rank, "prune": prune}
+    with RssSampler() as rss:
+        progress = lambda info: rss.mark(tensor=info["tensor"], layer=info["layer"])  # noqa: E731
+        if prune:
+            layers = json.loads((Path(checkpoint) / "config.json").read_text())["num_hidden_layers"]
+            meta = prune_streamed(checkpoint, sheared_masks(layers), family, name="sheared-widths", progress=progress)
+        else:
+            meta = factorize_streamed(checkpoint, plan, family, name=f"r{rank}", progress=progress)
+    result = {"baseline_rss": rss.baseline, "ru_maxrss": ru_maxrss(), "sampled_peak_rss": rss.peak,
+              "seconds": rss.seconds, "per_tensor": rss.segments, "member_params": meta["params"], "rank": rank,
+              "prune": prune}
     Path(out).write_text(json.dumps(result, indent=1))
 
 

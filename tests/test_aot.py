@@ -55,3 +55,26 @@ def test_a_plan_reports_per_device_memory_and_flops():
     # the state (params + two Adam moments, float32) sharded 8 ways lies inside each device's arguments
     assert 3 * 4 * params / 8 <= h["argument"] <= 3 * 4 * params
     assert h["fits"] and h["flops"] > 0 and out["suggestion"] == "fits" and out["mesh"] == [1, 8, 1]
+
+
+def test_plan_compiles_prune_heal_and_eval_steps_of_a_sheared_preset():
+    """The plan command re-executes itself on 4 host devices and plans every step a Sheared member runs: its
+    pruning step (the masked parent: the parent's params and Adam moments, plus masks) holds more per device
+    than its continued-training step (the pruned model), which holds more than evaluation (params only)."""
+    run = subprocess.run([sys.executable, "-m", "plrd_jax", "plan", "--preset", "sheared-smollm2", "--topology",
+                          "v5p-8", "--members", "0", "--dtype", "float32"], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line.split(" | ") for line in run.stdout.splitlines() if line.startswith("0 | ")]
+    assert [r[2] for r in rows] == ["prune", "heal", "eval"]
+    args = {r[2]: float(r[4]) for r in rows}
+    assert args["prune"] > args["heal"] > args["eval"] > 0
+    assert all(r[7] == "yes" and float(r[8]) > 0 for r in rows)
+
+
+def test_plan_steps_are_checked_before_compiling(capsys):
+    for argv, message in ((["plan", "--steps", "prune"], "prune is not a step of 'plrd'"),
+                          (["plan", "--preset", "nope"], "--preset 'nope' is not one of"),
+                          (["plan", "--topology", "v5p-8", "--eval-batch", "3"], "a micro-batch of 3 sequences")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

@@ -206,3 +206,71 @@ def test_transform_sharded_equals_the_plain_transform(parent):
     a, b = leaves(sharded), leaves(expected)
     for key in b:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def _whitened_reference(kernel: np.ndarray, xtx: np.ndarray, r: int, damping: float = 1e-6):
+    """numpy float64 SVD-LLM: L Lᵀ = XᵀX + λ·mean(diag)·I, K_r = L⁻ᵀ (LᵀK)_r, and the tail Σ_{i≥r} σ_i²."""
+    h = np.asarray(xtx, np.float64)
+    h = (h + h.T) / 2 + damping * np.mean(np.diag(h)) * np.eye(len(h))
+    lower = np.linalg.cholesky(h)
+    u, s, vt = np.linalg.svd(lower.T @ kernel.astype(np.float64), full_matrices=False)
+    k_r = np.linalg.solve(lower.T, u[:, :r] * s[:r]) @ vt[:r]
+    return k_r, float(np.sum(s[r:] ** 2))
+
+
+def test_streamed_whitening_from_saved_statistics_matches_numpy_float64(parent, tmp_path):
+    """Calibrate, save the statistics, stream a whitened member reading them back memory-mapped: each matrix is
+    SVD-LLM's rank-r truncation (numpy float64) and its output error ‖X(K − AB)‖² is the closed-form tail."""
+    from plrd_jax.io.stats import load_stats, save_stats
+    from plrd_jax.transforms.calibrate import calibrate
+
+    path, params = parent
+    windows = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (6, 32))
+    stats = calibrate(CONFIG, params, windows, batch_size=3)
+    save_stats(stats, tmp_path / "stats")
+    files = load_stats(tmp_path / "stats")
+    assert set(files) == set(stats) and isinstance(files["layers_0/mlp/down"].xtx, np.memmap)
+    np.testing.assert_array_equal(files["layers_1/attn/q"].xtx, np.asarray(stats["layers_1/attn/q"].xtx))
+
+    plan = RankPlan(("attn", "mlp"), exclude=("re:.*/(k|v)",), rank=8)
+    meta = factorize_streamed(path, plan, tmp_path / "fam", decomposition="whitened", stats=files)
+    _, member, _ = load_member(f"{tmp_path / 'fam'}:0")
+    report = meta["decomposition_report"]
+    assert report["scalings"] == {"cholesky (damping 1e-06)": len(meta["ranks"])} and report["fallbacks"] == {}
+    for p in meta["ranks"]:
+        layer, kind, name = p.split("/")
+        node = member[layer][kind][name]
+        product = np.asarray(node["A"], np.float64) @ np.asarray(node["B"], np.float64)
+        kernel = np.asarray(params[layer][kind][name]["kernel"], np.float64)
+        xtx = np.asarray(stats[p].xtx, np.float64)
+        expected, tail = _whitened_reference(kernel, xtx, 8)
+        np.testing.assert_allclose(product, expected, atol=1e-4 * np.abs(kernel).max(), err_msg=p)
+        diff = kernel - product
+        assert np.trace(diff.T @ xtx @ diff) == pytest.approx(tail, rel=2e-3, abs=1e-6 * np.trace(kernel.T @ xtx @ kernel))
+
+
+def test_streamed_whitening_reports_fallbacks_and_missing_statistics_fail_first(parent, tmp_path):
+    from plrd_jax.transforms.calibrate import MatrixStats
+    from plrd_jax.transforms.decompositions import DecompositionError, describe_fallbacks
+
+    path, _ = parent
+    plan = {"layers_0/mlp/up": 8, "layers_1/mlp/down": 8}
+    eye = {p: np.eye(CONFIG.matrix_shape(p)[0], dtype=np.float32) for p in plan}
+    stats = {"layers_0/mlp/up": MatrixStats(eye["layers_0/mlp/up"], *np.zeros((3, 1), np.float32)),
+             # not positive definite at any damping: whitening falls back to the eigendecomposition
+             "layers_1/mlp/down": MatrixStats(-eye["layers_1/mlp/down"], *np.zeros((3, 1), np.float32))}
+    with pytest.raises(DecompositionError, match="no calibration statistics for 1 matrices"):
+        factorize_streamed(path, plan, tmp_path / "fam", decomposition="whitened",
+                           stats={"layers_0/mlp/up": stats["layers_0/mlp/up"]})
+    with pytest.raises(DecompositionError, match="inputs of width 32, its kernel takes 80"):
+        factorize_streamed(path, plan, tmp_path / "fam", decomposition="whitened",
+                           stats={**stats, "layers_1/mlp/down": stats["layers_0/mlp/up"]})
+    assert not (tmp_path / "fam").exists()
+    seen = []
+    meta = factorize_streamed(path, plan, tmp_path / "fam", decomposition="whitened", stats=stats,
+                              progress=lambda info: seen.append(info.get("scaling")))
+    report = meta["decomposition_report"]
+    assert report["fallbacks"] == {"layers_1/mlp/down": "eigh"}
+    assert report["scalings"] == {"cholesky (damping 1e-06)": 1, "eigh": 1}
+    assert [s for s in seen if s] == ["cholesky (damping 1e-06)", "eigh"]
+    assert describe_fallbacks(report) == "whitening fell back on 1 of 2 matrices: layers_1/mlp/down eigh"

@@ -200,6 +200,7 @@ def sequential(args, config, params, plan, decomposition, stats, calib):
 
 def print_scores(args, n, n_member, parent_ppl, member_ppl, unseen, report) -> None:
     from plrd_jax.evaluation.perplexity import geometric_mean
+    from plrd_jax.transforms.decompositions import describe_fallbacks
 
     ratios = {k: member_ppl[k] / parent_ppl[k] for k in parent_ppl}
     print(f"parent {args.model}: {n:,} params; member ({args.decomposition}, {args.allocation}): {n_member:,} params "
@@ -211,6 +212,8 @@ def print_scores(args, n, n_member, parent_ppl, member_ppl, unseen, report) -> N
     print(f"  geometric mean of the ratios: {geometric_mean(ratios.values()):.2f}×")
     if report.get("scalings"):
         print("input scalings: " + ", ".join(f"{k} × {v}" for k, v in report["scalings"].items()))
+    if describe_fallbacks(report):
+        print(describe_fallbacks(report))
 
 
 def store_member(args, config, tokenizer, member, member_config, report, scores) -> None:

@@ -216,6 +216,7 @@ class FamilyEvents(StepBars):
 
     def member(self, info):
         from plrd_jax.evaluation.perplexity import geomean_ratio, ratios_to_parent
+        from plrd_jax.transforms.decompositions import describe_fallbacks
 
         r, parent_ppl = info["result"], info["parent_ppl"]
         if r.member in self.bars:
@@ -225,6 +226,8 @@ class FamilyEvents(StepBars):
               f"{geomean_ratio(r.ppl_after, parent_ppl):.2f}: "
               + ", ".join(f"{n} {v:.2f}×" for n, v in ratios_to_parent(r.ppl_after, parent_ppl).items())
               + (" (stored earlier)" if info["restored"] else ""), file=sys.stderr)
+        if describe_fallbacks(info.get("decomposition_report")):
+            print(f"  member {r.member}: {describe_fallbacks(info['decomposition_report'])}", file=sys.stderr)
 
 
 def _plot_ranks(out, config, schedule, results) -> None:

@@ -34,6 +34,9 @@ import numpy as np
 from plrd_jax.nn.config import LinearSpec, ModelConfig
 from plrd_jax.nn.model import abstract_params
 from plrd_jax.io.hf import dtype_name, hf_layout
+from plrd_jax.transforms.calibrate import MatrixStats
+from plrd_jax.transforms.decompositions import (Decomposition, DecompositionError, as_decomposition, check_stats,
+                                                decompose, describe_scaling, scaling_report, truncate)
 from plrd_jax.transforms.factorize import reduce_factors, svd_factors
 from plrd_jax.transforms.plan import PlanError, RankPlan, check_ranks, resolve_ranks
 from plrd_jax.transforms.prune import apply_cut, prune_cuts
@@ -154,18 +157,29 @@ def _host(x) -> np.ndarray:
 
 def factorize_streamed(hf_dir: str | os.PathLike, plan: RankPlan | Mapping[str, int],
                        family_dir: str | os.PathLike, *, name: str | None = None, dtype=None,
-                       factor_fn: FactorFn = svd_factors, progress: Progress | None = None) -> dict[str, Any]:
+                       factor_fn: FactorFn = svd_factors, decomposition=None,
+                       stats: Mapping[str, MatrixStats] | None = None,
+                       progress: Progress | None = None) -> dict[str, Any]:
     """A low-rank member of the dense HF checkpoint at `hf_dir`, written into the family store `family_dir`.
 
     Every matrix K the plan selects becomes A, B = factor_fn(K, r) (default: the balanced truncated SVD);
     everything else is copied. Params are stored in `dtype` (default float32). progress(info) is called after
-    each tensor with {"tensor", "layer", "done", "total"}. Returns the member's metadata.
+    each tensor with {"tensor", "layer", "done", "total"} (and "scaling" for a decomposition).
+    decomposition ("whitened", "asvd", ... or a `Decomposition`) with stats (path -> `MatrixStats`, e.g.
+    `plrd_jax.io.stats.load_stats`, whose Gram matrices are paged in one at a time): the method's rank-r
+    factors instead of factor_fn, each matrix's statistics taken to the host only while it is decomposed. The
+    metadata's "decomposition_report" then counts the input scalings used and names every matrix whose
+    whitening fell back (damped Cholesky or eigh, `describe_scaling`). Returns the member's metadata.
     """
     source = open_checkpoint(hf_dir, dtype)
     config = source.config
     ranks = streamed_ranks(config, plan)
     check_ranks(abstract_params(config), ranks)
+    decomposition = None if decomposition is None else as_decomposition(decomposition)
+    if decomposition is not None:
+        _check_streamed_stats(config, ranks, decomposition, stats)
     new_config = member_config(config, ranks)
+    scalings: dict[str, str] = {}
     writer, member, layout, parent_count = _start_member(family_dir, config)
     param_dtype = np.dtype(config.jnp_param_dtype)
     for done, hf_name in enumerate(layout, start=1):
@@ -177,7 +191,10 @@ def factorize_streamed(hf_dir: str | os.PathLike, plan: RankPlan | Mapping[str, 
         if factorized:
             kernel = jnp.asarray(array)
             del array
-            a, b = factor_fn(kernel, ranks[path])
+            if decomposition is None:
+                a, b = factor_fn(kernel, ranks[path])
+            else:
+                a, b, scalings[path] = _decomposed(kernel, ranks[path], decomposition, stats, path)
             del kernel
             writer.add((*keys[:-1], "A"), _host(a))
             writer.add((*keys[:-1], "B"), _host(b))
@@ -186,9 +203,40 @@ def factorize_streamed(hf_dir: str | os.PathLike, plan: RankPlan | Mapping[str, 
             writer.add(keys, array)
             del array
         if progress is not None:
-            progress({"tensor": "/".join(keys), "layer": keys[0], "done": done, "total": len(layout)})
+            info = {"tensor": "/".join(keys), "layer": keys[0], "done": done, "total": len(layout)}
+            progress(info if path not in scalings else {**info, "scaling": scalings[path]})
+    extra = {} if decomposition is None else {"decomposition_report": scaling_report(decomposition, scalings)}
     return writer.commit_member(member, name or f"streamed-{member}", "plrd-streamed", hf_dir, new_config,
-                                parent_count, ranks=ranks)
+                                parent_count, ranks=ranks, **extra)
+
+
+def _check_streamed_stats(config: ModelConfig, ranks: Mapping[str, int], decomposition: Decomposition,
+                          stats: Mapping[str, MatrixStats] | None) -> None:
+    """Every factorized matrix has statistics of its input width (checked from shapes, nothing read)."""
+    if not decomposition.needs_stats:
+        return
+    if stats is None:
+        raise DecompositionError(f"decomposition {decomposition.method!r} needs calibration statistics "
+                                 "(stats=, e.g. plrd_jax.io.stats.load_stats(DIR))")
+    missing = [p for p in ranks if p not in stats]
+    if missing:
+        raise DecompositionError(f"no calibration statistics for {len(missing)} matrices, e.g. {missing[0]!r}")
+    for p in ranks:
+        d_in = config.matrix_shape(p)[0]
+        if tuple(stats[p].xtx.shape) != (d_in, d_in):
+            raise DecompositionError(f"statistics of {p!r} are for inputs of width {stats[p].xtx.shape[0]}, "
+                                     f"its kernel takes {d_in}")
+
+
+def _decomposed(kernel: jax.Array, r: int, decomposition: Decomposition, stats, path: str):
+    """(A, B, scaling description) of one matrix, its statistics on the host only for this call."""
+    matrix_stats = None
+    if decomposition.needs_stats:
+        matrix_stats = MatrixStats(*(jnp.asarray(np.asarray(x, np.float32)) for x in stats[path]))
+        check_stats(decomposition, matrix_stats, path)
+    spectrum = decompose(kernel, decomposition, matrix_stats)
+    a, b = truncate(spectrum, r, kernel.dtype)
+    return a, b, describe_scaling(spectrum.scaling)
 
 
 def _restore_subtree(params_dir: Path, subtree) -> dict:

@@ -225,7 +225,8 @@ class _FamilyRun:
             config = ModelConfig.from_dict(meta["config"])
             params, _ = store.restore(final, abstract_params(config))
             result = MemberResult(**meta["result"])
-            self.on_event("member", {"result": result, "restored": True, "parent_ppl": self.parent_ppl})
+            self.on_event("member", {"result": result, "restored": True, "parent_ppl": self.parent_ppl,
+                                     "decomposition_report": meta.get("decomposition_report")})
             return result, (config, params)
         t0 = time.perf_counter()
         resume = max((s for s in saved if start <= s < final), default=None)
@@ -277,7 +278,8 @@ class _FamilyRun:
                                    "wall_s": result.wall_s, "ppl_after": ppl_after,
                                    "heal_s": heal_s0 + run.heal_s, "heal_steps_timed": timed0 + run.timed,
                                    "result": dataclasses.asdict(result)})
-        self.on_event("member", {"result": result, "restored": False, "parent_ppl": self.parent_ppl})
+        self.on_event("member", {"result": result, "restored": False, "parent_ppl": self.parent_ppl,
+                                 "decomposition_report": decomposition_report})
         return result, (config, params)
 
     def teacher(self, index: int, prev):

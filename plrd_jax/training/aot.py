@@ -1,8 +1,9 @@
 """Plans before renting: a training step compiled ahead of time for a slice, from abstract parameters.
 
 `plan_heal_step(config, heal, batch, seq_len, accelerator, ...)` lowers and compiles the healing step (with its
-teacher's forward, when it distils) from ShapeDtypeStructs only — no weights, no accelerator — over a mesh of the slice's chip
-count, then reads XLA's per-device memory analysis (arguments, outputs, temporaries) and cost analysis (FLOPs
+teacher's forward, when it distils) from ShapeDtypeStructs only — no weights, no accelerator — over a mesh of
+the slice's chip count (`compile_report` does the same for any jitted step: the `plan` command also plans
+Sheared's pruning step and the evaluation step), then reads XLA's per-device memory analysis (arguments, outputs, temporaries) and cost analysis (FLOPs
 of one device's program, loop bodies counted once). The step time implied at the chips' peak is the step's model
 FLOPs / (chips · peak) (a lower bound; `nn.accounting.model_flops_per_token`), and MFU at a measured step time t
 is model FLOPs / (t · chips · peak).
@@ -20,6 +21,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from plrd_jax.nn.accounting import model_flops_per_token
 from plrd_jax.nn.config import ModelConfig
@@ -85,33 +87,47 @@ def check_mesh(config: ModelConfig, mesh_shape, chips: int, batch: int) -> tuple
     return data, fsdp, tensor
 
 
-def plan_heal_step(config: ModelConfig, heal: HealConfig, batch: int, seq_len: int, slice_: Accelerator,
-                   mesh_shape=(1, -1, 1), teacher: ModelConfig | None = None) -> dict:
-    """Compile the heal step for `slice_` (see the module docstring); returns {"mesh", "heal": {memory_stats,
-    "flops" (XLA's count of one device's program: a loop body such as the micro-batch scan counts once),
-    "fits"}, "model_flops" (the whole step's: 6N + attention per token, plus a teacher's 2N + attention),
-    "step_s_at_peak" (model_flops / (chips · peak)), "suggestion"}."""
-    mesh_shape = check_mesh(config, mesh_shape, slice_.chips, batch // heal.grad_accum)
+def slice_mesh(config: ModelConfig, mesh_shape, slice_: Accelerator, micro_batch: int) -> Mesh:
+    """The checked (`check_mesh`) mesh over the first `slice_.chips` devices of this process."""
+    mesh_shape = check_mesh(config, mesh_shape, slice_.chips, micro_batch)
     if jax.device_count() < slice_.chips:
         raise PlanError(f"{slice_.name} needs {slice_.chips} devices; this process sees {jax.device_count()} "
                         f"(set XLA_FLAGS=--xla_force_host_platform_device_count={slice_.chips})")
-    mesh = make_mesh(mesh_shape, jax.devices()[:slice_.chips])
+    return make_mesh(mesh_shape, jax.devices()[:slice_.chips])
+
+
+def compile_report(jitted, args, slice_: Accelerator, config: ModelConfig) -> dict:
+    """Lower `jitted` on abstract `args` (ShapeDtypeStructs with shardings), compile it, and read its per-device
+    memory_stats, "flops" (XLA's count of one device's program: a loop body counts once) and "fits"."""
+    return _report(jitted.lower(*args).compile(compiler_options=compiler_options(config)), slice_)
+
+
+def plan_heal_step(config: ModelConfig, heal: HealConfig, batch: int, seq_len: int, slice_: Accelerator,
+                   mesh_shape=(1, -1, 1), teacher: ModelConfig | None = None) -> dict:
+    """Compile the heal step for `slice_` (see the module docstring); returns {"mesh", "heal": {memory_stats,
+    "flops", "fits"} (`compile_report`), "model_flops" (the whole step's: 6N + attention per token, plus a
+    teacher's 2N + attention), "step_s_at_peak" (model_flops / (chips · peak)), "suggestion"}."""
+    mesh = slice_mesh(config, mesh_shape, slice_, batch // heal.grad_accum)
     shardings = param_shardings(abstract_params(config), mesh)
     layout = state_layout(abstract_params(config), make_optimizer(heal), mesh, shardings)
     teacher_abstract = None
     if teacher is not None:
         teacher_abstract = abstract_params(teacher, param_shardings(abstract_params(teacher), mesh))
     step = make_heal_step(config, heal, mesh, shardings, teacher=teacher)
-    micro = batch // heal.grad_accum
-    tokens = jax.ShapeDtypeStruct((heal.grad_accum, micro, seq_len), jnp.int32)
-    heal_compiled = step.lower(layout, tokens, teacher_abstract).compile(compiler_options=compiler_options(config))
-    out = {"mesh": mesh_shape, "heal": _report(heal_compiled, slice_)}
+    tokens = jax.ShapeDtypeStruct((heal.grad_accum, batch // heal.grad_accum, seq_len), jnp.int32)
+    out = {"mesh": list(mesh.devices.shape), "heal": compile_report(step, (layout, tokens, teacher_abstract),
+                                                                     slice_, config)}
     out["model_flops"] = model_flops_per_token(config, seq_len, training=True) * batch * seq_len
     if teacher is not None:  # the teacher's forward, 2N + attention per token
         out["model_flops"] += model_flops_per_token(teacher, seq_len, training=False) * batch * seq_len
-    out["step_s_at_peak"] = out["model_flops"] / (slice_.chips * slice_.peak_flops)
-    out["suggestion"] = suggest(out["heal"], slice_, heal, config, batch // (mesh_shape[0] * mesh_shape[1]))
+    out["step_s_at_peak"] = step_seconds_at_peak(out["model_flops"], slice_)
+    out["suggestion"] = suggest(out["heal"], slice_, heal, config, batch // (mesh.shape["data"] * mesh.shape["fsdp"]))
     return out
+
+
+def step_seconds_at_peak(model_flops: float, slice_: Accelerator) -> float:
+    """The step time a step of `model_flops` would take at every chip's peak: a lower bound."""
+    return model_flops / (slice_.chips * slice_.peak_flops)
 
 
 def _report(compiled, slice_: Accelerator) -> dict:

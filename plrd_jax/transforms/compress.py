@@ -3,7 +3,7 @@ by a decomposition (`compress`)."""
 from __future__ import annotations
 
 from plrd_jax.transforms.allocate import allocate_ranks, compute_spectra, ranks_by_layer, selected_paths
-from plrd_jax.transforms.decompositions import describe_scaling
+from plrd_jax.transforms.decompositions import describe_scaling, scaling_report
 from plrd_jax.transforms.factorize import reduce_rank
 from plrd_jax.transforms.plan import PlanError, RankPlan, resolve_ranks
 
@@ -14,7 +14,8 @@ def compress(params, plan: RankPlan, config=None, *, allocation: str = "uniform"
     `allocation` (non-uniform ones need `plan.budget`), factors by `plan.decomposition` (`reduce_rank`).
 
     Returns (params, config, report), report = {"decomposition", "allocation", "ranks_by_layer"}, plus
-    "scalings" (how many matrices used each input scaling, e.g. {"cholesky (damping 1e-06)": 210}) when the
+    "scalings" (how many matrices used each input scaling, e.g. {"cholesky (damping 1e-06)": 210}) and
+    "fallbacks" (path -> scaling of every matrix whose whitening fell back, `scaling_report`) when the
     decomposition needs statistics or the allocation is not uniform, and "solver" / "sensitivity" for a
     non-uniform allocation.
     """
@@ -29,10 +30,7 @@ def compress(params, plan: RankPlan, config=None, *, allocation: str = "uniform"
     if decomposition.needs_stats or allocation != "uniform":
         paths = selected_paths(params, plan.matrices, plan.exclude) if ranks is None else list(ranks)
         spectra = compute_spectra(params, paths, decomposition, stats)
-        kinds: dict[str, int] = {}
-        for p in paths:
-            kinds[describe_scaling(spectra[p].scaling)] = kinds.get(describe_scaling(spectra[p].scaling), 0) + 1
-        report["scalings"] = kinds
+        report.update(scaling_report(decomposition, {p: describe_scaling(spectra[p].scaling) for p in paths}))
     if ranks is None:
         result = allocate_ranks(params, plan.budget, allocation, matrices=plan.matrices, exclude=plan.exclude,
                                 multiple_of=plan.multiple_of, decomposition=decomposition, stats=stats, spectra=spectra,

@@ -206,6 +206,33 @@ def describe_scaling(scaling: Scaling) -> str:
     return f"{kind} (damping {float(scaling.damping):.0e})" if kind.startswith("cholesky") else kind
 
 
+def is_fallback(description: str) -> bool:
+    """Whether a `describe_scaling` text is a whitening fallback (a damped Cholesky or the eigendecomposition)."""
+    return description.startswith("cholesky-damped") or description == "eigh"
+
+
+def scaling_report(decomposition: Decomposition, scalings: dict[str, str]) -> dict:
+    """{"decomposition", "scalings": description -> how many matrices, "fallbacks": path -> description} from
+    path -> `describe_scaling` text of every matrix decomposed."""
+    counts: dict[str, int] = {}
+    for description in scalings.values():
+        counts[description] = counts.get(description, 0) + 1
+    return {"decomposition": decomposition.method, "scalings": counts,
+            "fallbacks": {p: d for p, d in scalings.items() if is_fallback(d)}}
+
+
+def describe_fallbacks(report: dict | None) -> str:
+    """'' when no whitening fell back, else e.g. 'whitening fell back on 2 of 210 matrices: layers_3/mlp/down
+    eigh, layers_7/mlp/down cholesky-damped (damping 1e-02)' (from a `scaling_report`)."""
+    fallbacks = (report or {}).get("fallbacks") or {}
+    if not fallbacks:
+        return ""
+    total = sum(report["scalings"].values())
+    listed = ", ".join(f"{p} {d}" for p, d in list(fallbacks.items())[:4])
+    return (f"whitening fell back on {len(fallbacks)} of {total} matrices: {listed}"
+            + (", ..." if len(fallbacks) > 4 else ""))
+
+
 def decompose(kernel: jax.Array, decomposition: Decomposition, stats=None) -> Spectrum:
     """The method's full spectrum of K (d_in, d_out): k = min(d_in, d_out) directions (module docstring)."""
     scaling = input_scaling(decomposition, stats, kernel.shape[0])
