@@ -11,11 +11,14 @@ calibration and evaluation corpora, 8,192 healing tokens per member) that differ
   kd-T2         full distillation at temperature 2
   ce+kd         half of each (--kd-weight 0.5)
   kd-previous   distillation from the healed previous member (the parent for the first)
-  ce-same-time  cross-entropy given the tokens that fit in distillation's heal-step time (its steps are cheaper:
-                no teacher forward), rounded down to whole steps
+  ce-same-time  cross-entropy given the tokens that fit in the default loss's (ce+kd) heal-step time (its steps
+                are cheaper: no teacher forward), rounded down to whole steps
 
-Writes experiments/results/distill.{md,csv,png} through experiments/family_study.py; the step-time ratio that
-sets the equal-time budget is printed and written beside the table. Each run resumes.
+Writes experiments/results/distill.{md,csv,png} through experiments/family_study.py. The step-time ratio that
+sets the equal-time budget is --time-ratio, by default the ce+kd / ce ratio measured by
+`python benchmarks/bench_heal_losses.py --json experiments/results/bench_heal_losses.json` (the steps timed side
+by side in one process, not the runs' own wall times, which depend on what else the machine did); it is printed
+and written beside the table. Each run resumes.
 """
 from __future__ import annotations
 
@@ -40,18 +43,26 @@ def run(cmd):
     subprocess.run(cmd, check=True)
 
 
-def step_seconds(directory: str) -> float:
-    """Mean seconds of a timed heal step (the first step of each process compiles and is not timed)."""
-    from plrd_jax.io.store import FamilyStore
+BENCH = os.path.join(HERE, "results", "bench_heal_losses.json")
 
-    members = FamilyStore(directory, read_only=True).members()
-    return sum(m["heal_s"] for m in members) / sum(m["heal_steps_timed"] for m in members)
+
+def measured_ratio() -> float:
+    """ce+kd / ce heal-step time from benchmarks/bench_heal_losses.py's JSON."""
+    import json
+
+    if not os.path.isfile(BENCH):
+        raise SystemExit(f"ce-same-time needs the step-time ratio: run python benchmarks/bench_heal_losses.py "
+                         f"--json {os.path.relpath(BENCH)} first, or pass --time-ratio")
+    with open(BENCH) as f:
+        return json.load(f)["ratio_to_ce"]["ce+kd"]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schedule", default="0.9,0.75")
     ap.add_argument("--tokens", type=int, default=8192, help="healing tokens per member")
+    ap.add_argument("--time-ratio", type=float, default=None,
+                    help="ce+kd / ce heal-step time for ce-same-time (default: benchmarks/bench_heal_losses.py's)")
     ap.add_argument("--variants", default=",".join([*VARIANTS, "ce-same-time"]))
     ap.add_argument("--out", default="runs/distill")
     ap.add_argument("--results", default=os.path.join(HERE, "results", "distill"))
@@ -67,11 +78,11 @@ def main(argv=None):
             run(family + ["--heal-tokens", str(args.tokens), "--out", os.path.join(args.out, name), *VARIANTS[name]])
     note = ""
     if "ce-same-time" in names:
-        ratio = step_seconds(os.path.join(args.out, "kd")) / step_seconds(os.path.join(args.out, "ce"))
+        ratio = args.time_ratio or measured_ratio()
         step = 4 * 256  # the plrd preset's tokens per step
         tokens = int(args.tokens * ratio) // step * step
-        note = (f"ce-same-time: a distillation heal step took {ratio:.2f}× a cross-entropy one, so cross-entropy "
-                f"gets {tokens:,} tokens per member.\n")
+        note = (f"ce-same-time: a heal step with the default loss (ce+kd) takes {ratio:.2f}× a cross-entropy one "
+                f"(benchmarks/bench_heal_losses.py), so cross-entropy gets {tokens:,} tokens per member.\n")
         print(note, flush=True)
         run(family + ["--heal-tokens", str(tokens), "--kd-weight", "0", "--out", os.path.join(args.out, "ce-same-time")])
     run([sys.executable, os.path.join(HERE, "family_study.py"),
