@@ -143,3 +143,35 @@ def test_a_plan_describes_what_it_selects_and_skips():
     assert any(line.startswith("factorize decoder/layers/mlp/wi: 24×40 × 3 slices, dense → rank 4") for line in text)
     assert any(line.startswith("skip      lora: holds a kernel beside factors A/B (a LoRA adapter?)") for line in text)
     assert len(text) == 6
+
+
+def test_whitened_stack_takes_per_slice_statistics_and_each_slice_meets_its_closed_form():
+    """A scanned (L, d_in, d_out) kernel with stacked Grams (L, d_in, d_in): slice l is SVD-LLM's rank-r
+    truncation under its own Gram, so ‖X_l (K_l − A_l B_l)‖² equals the tail Σ_{i≥r} σ_i² of L_lᵀ K_l (numpy
+    float64); the reduced stack too. One unstacked Gram for a stack is refused by name."""
+    from plrd_jax.transforms.calibrate import MatrixStats
+
+    params, r = tree(), 4
+    kernels = params["decoder"]["layers"]["mlp"]["wi"]["kernel"]
+    xs = [rng.standard_normal((64, D)) * np.linspace(0.2, 3.0, D) ** (l + 1) for l in range(L)]
+    grams = np.stack([x.T @ x for x in xs]).astype(np.float32)
+    stats = {"decoder/layers/mlp/wi": MatrixStats(grams, np.zeros((L, D), np.float32), np.zeros((L, D), np.float32),
+                                                  np.float32(64))}
+    plan = RankPlan(("*/wi",), rank=r)
+
+    def check(node, rank):
+        for l in range(L):
+            h = grams[l].astype(np.float64)
+            damped = h + 1e-6 * np.mean(np.diag(h)) * np.eye(D)
+            s = np.linalg.svd(np.linalg.cholesky(damped).T @ kernels[l].astype(np.float64), compute_uv=False)
+            diff = kernels[l].astype(np.float64) - np.asarray(node["A"][l], np.float64) @ np.asarray(node["B"][l],
+                                                                                                     np.float64)
+            assert np.trace(diff.T @ damped @ diff) == pytest.approx(np.sum(s[rank:] ** 2), rel=1e-3)
+
+    low, _ = factorize(params, plan, decomposition="whitened", stats=stats)
+    check(low["decoder"]["layers"]["mlp"]["wi"], r)
+    lower, _ = reduce_rank(low, {"decoder/layers/mlp/wi": 2}, decomposition="whitened", stats=stats)
+    check(lower["decoder"]["layers"]["mlp"]["wi"], 2)
+    one = {"decoder/layers/mlp/wi": MatrixStats(grams[0], *np.zeros((2, D), np.float32), np.float32(64))}
+    with pytest.raises(PlanError, match="is a stack of 3 matrices: its statistics need one XᵀX per slice"):
+        factorize(params, plan, decomposition="whitened", stats=one)

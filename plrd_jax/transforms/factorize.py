@@ -12,10 +12,13 @@ TPU/GPU do not round them through bfloat16/TF32.
 
 A decomposition other than plain "svd" (`decompositions.py`: whitened, asvd, fisher) needs calibration
 statistics `stats`, a dict path -> `plrd_jax.transforms.calibrate.MatrixStats`; it is chosen by the plan's
-`decomposition` field or the `decomposition` argument, which wins.
+`decomposition` field or the `decomposition` argument, which wins. A stacked node (a scanned (L, d_in, d_out)
+kernel) takes statistics with the same leading axes (xtx (L, d_in, d_in), `slice_stats`), and each slice is
+decomposed with its own.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import jax
@@ -92,6 +95,25 @@ def _views(plan, views) -> dict | None:
     return dict(views) if views is not None else (dict(plan.views) if isinstance(plan, RankPlan) else None)
 
 
+def slice_stats(stats, count: int, path: str = "this matrix") -> list:
+    """The `MatrixStats` of each of a stack's `count` slices: every field with the stack's leading axes (any
+    shape of `count` entries) before its own, e.g. xtx (L, d_in, d_in) for a scanned (L, d_in, d_out) kernel;
+    plain (d_in, d_in) statistics serve a single matrix only. tokens may be one number for all slices."""
+    xtx = jnp.asarray(stats.xtx)
+    d_in = xtx.shape[-1]
+    if count > 1 and (xtx.ndim < 3 or math.prod(xtx.shape[:-2]) != count):
+        raise PlanError(f"{path} is a stack of {count} matrices: its statistics need one XᵀX per slice, shape "
+                        f"(stacked axes..., {d_in}, {d_in}), not {tuple(xtx.shape)}")
+    fields = (xtx.reshape(count, d_in, d_in), jnp.asarray(stats.abs_sum).reshape(count, d_in),
+              jnp.asarray(stats.fisher_rows).reshape(count, d_in),
+              jnp.broadcast_to(jnp.asarray(stats.tokens), xtx.shape[:-2]).reshape(count))
+    return [type(stats)(*(f[i] for f in fields)) for i in range(count)]
+
+
+def _stacked(pairs) -> tuple[jax.Array, jax.Array]:
+    return jnp.stack([a for a, _ in pairs]), jnp.stack([b for _, b in pairs])
+
+
 def _apply_ranks(params, ranks: Mapping[str, int], config: ModelConfig | None, matrices: Mapping[str, Matrix],
                  decomposition: Decomposition = Decomposition(), stats=None, spectra=None, gram: bool = False):
     plain = decomposition.method == "svd"
@@ -108,23 +130,20 @@ def _apply_ranks(params, ranks: Mapping[str, int], config: ModelConfig | None, m
         if spectra is not None and path in spectra:  # precomputed by the same decomposition
             a, b = truncate(spectra[path], r, dtype)
             return write_factors(node, m, a[None], b[None])
-        if not plain and m.count > 1:
-            raise PlanError(f"{path}: decomposition {decomposition.method!r} on a stack of {m.count} matrices needs "
-                            "per-slice statistics, which calibration does not give yet; use svd")
         if m.rank is None:
             k3 = kernel_stack(node, m)
             if plain:
                 a, b = batched(lambda k: factor(k, r))(k3)
-            else:
-                a, b = decomposed_factors(k3[0], r, decomposition, stats[path])
-                a, b = a[None], b[None]
+            else:  # slice by slice, each with its own statistics
+                a, b = _stacked([decomposed_factors(k3[i], r, decomposition, si)
+                                 for i, si in enumerate(slice_stats(stats[path], m.count, path))])
         else:
             a3, b3 = factor_stacks(node, m)
             if plain:
                 a, b = batched(lambda x, y: reduce(x, y, r))(a3, b3)
             else:
-                a, b = reduced_factors(a3[0], b3[0], r, decomposition, stats[path])
-                a, b = a[None], b[None]
+                a, b = _stacked([reduced_factors(a3[i], b3[i], r, decomposition, si)
+                                 for i, si in enumerate(slice_stats(stats[path], m.count, path))])
         return write_factors(node, m, a, b)
 
     new_params = _map_matrices(params, new_node, matrices)
