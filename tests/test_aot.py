@@ -78,3 +78,29 @@ def test_plan_steps_are_checked_before_compiling(capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_every_preset_lists_its_steps_from_shapes_alone():
+    """Every family and Sheared preset yields its members' steps without compiling: a member smaller than the
+    parent for heal and eval, the parent itself for Sheared's pruning step."""
+    from argparse import Namespace
+
+    from plrd_jax.cli.plan import _planned_steps, parent_config
+    from plrd_jax.methods.plrd import PRESETS
+    from plrd_jax.methods.sheared import PRESETS as SHEARED
+    from plrd_jax.nn.accounting import count_params
+    from plrd_jax.nn.model import abstract_params
+
+    for name in [*PRESETS, *SHEARED]:
+        sheared = name in SHEARED
+        schedule = (SHEARED if sheared else PRESETS)[name]
+        args = Namespace(model=None, dtype="bfloat16", eval_batch=None, members=None, batch_size=None)
+        parent = parent_config(args, name)
+        kinds = ["prune", "heal", "eval"] if sheared else ["heal", "eval"]
+        steps = list(_planned_steps(args, schedule, sheared, kinds, parent, schedule.batch_size, 1))
+        members = schedule.members if sheared else schedule.stages
+        assert [s[2] for s in steps] == kinds * len(members), name
+        full = count_params(abstract_params(parent))
+        for _, _, kind, config, _ in steps:
+            n = count_params(abstract_params(config))
+            assert (n == full) if kind == "prune" else (n < full), (name, kind)

@@ -103,7 +103,7 @@ def _planned_steps(args, schedule, sheared, steps, parent, batch, accum):
     heal = schedule.heal.replace(dtype=args.dtype, grad_accum=accum)
     eval_batch = args.eval_batch or batch // accum
     if sheared:
-        members = [(m.name, m.target.config(parent), m) for m in schedule.members]
+        members = [(m.name, m.target.resolve(parent).config(parent), m) for m in schedule.members]
     else:
         members = [(stage.name, config, None) for stage, config in zip(schedule.stages, member_configs(parent, schedule))]
     teacher = parent if not sheared and heal.kd_weight > 0 else None
