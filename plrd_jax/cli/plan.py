@@ -16,7 +16,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None,
                    help="the parent's shapes: a model preset (plrd_jax/configs/models/: smollm2-135m, llama2-7b, "
                         "mistral-7b) or an HF directory's config.json (default: the preset's parent)")
-    p.add_argument("--topology", default="v5e-8", help="v5e-8, v5p-8, v4-8 or 8xh100")
+    p.add_argument("--topology", default="v5e-8", help="v5e-8, v5p-8, v5p-16, v4-8 or 8xh100")
     p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor over the slice's chips (-1: the rest)")
     p.add_argument("--members", default=None, help="member indices to plan, e.g. 0,2 (default all)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="sequences per step (default the preset's)")

@@ -49,6 +49,7 @@ class Accelerator:
 ACCELERATORS = {a.name: a for a in (
     Accelerator("v5e-8", 8, 16 * 10 ** 9, 197e12, "https://cloud.google.com/tpu/docs/v5e (16 GB, 197 TFLOPs bf16)"),
     Accelerator("v5p-8", 4, 95 * 10 ** 9, 459e12, "https://cloud.google.com/tpu/docs/v5p (2x2x1: 4 chips; 95 GB, 459 TFLOPs)"),
+    Accelerator("v5p-16", 8, 95 * 10 ** 9, 459e12, "https://cloud.google.com/tpu/docs/v5p (2x2x2: 8 chips; 95 GB, 459 TFLOPs)"),
     Accelerator("v4-8", 4, 32 * GIB, 275e12, "https://cloud.google.com/tpu/docs/v4 (4 chips; 32 GiB, 275 TFLOPs)"),
     Accelerator("8xh100", 8, 80 * 10 ** 9, 989e12, "H100 SXM datasheet (80 GB, 989 TFLOPs dense bf16)"),
 )}
