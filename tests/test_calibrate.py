@@ -1,5 +1,8 @@
 """Calibration statistics against transformers' torch Llama: inputs captured by forward hooks, Fisher rows from
 per-window weight gradients."""
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -134,3 +137,35 @@ def test_rejects_bad_windows(parent):
     _, config, params = parent
     with pytest.raises(ValueError, match="windows must be"):
         calibrate(config, params, np.zeros((3,), np.int32))
+
+
+SHARDED = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, numpy as np
+from plrd_jax.nn.config import ModelConfig
+from plrd_jax.nn.model import init_params
+from plrd_jax.nn.sharding import make_mesh
+from plrd_jax.transforms.calibrate import calibrate
+c = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                max_seq_len=16)
+params = init_params(c, seed=1)
+windows = np.random.default_rng(0).integers(0, 64, (8, 12))
+sharded = calibrate(c, params, windows, mesh=make_mesh((1, 4, 1)))
+single = calibrate(c, params, windows, mesh=make_mesh((1, 1, 1), jax.devices()[:1]))
+for path, s in sharded.items():
+    d = s.xtx.shape[0]
+    shapes = {tuple(x.data.shape) for x in s.xtx.addressable_shards}
+    assert shapes == {(d // 4, d)}, (path, shapes)
+    np.testing.assert_allclose(s.xtx, single[path].xtx, rtol=1e-5, atol=1e-5 * float(single[path].xtx.max()))
+print("ok", len(sharded))
+"""
+
+
+def test_every_gram_is_split_over_fsdp_and_equals_the_single_device_one():
+    """On 4 fsdp devices no device holds a whole XᵀX, row-parallel o and down included (their d_in is a tensor
+    axis, unsplit under pure fsdp), and the sums equal one device's."""
+    run = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-2:] == ["ok", "15"]

@@ -31,7 +31,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from plrd_jax.nn.config import ModelConfig
 from plrd_jax.nn.linears import Linear
 from plrd_jax.nn.model import Decoder
-from plrd_jax.nn.sharding import RULES, batch_sharding, logical_axes, make_mesh, param_shardings, partition_spec
+from plrd_jax.nn.sharding import (RULES, batch_sharding, fsdp_fallback, logical_axes, make_mesh, param_shardings,
+                                  partition_spec)
 from plrd_jax.training.losses import next_token_loss
 
 
@@ -139,12 +140,15 @@ def _make_step(config: ModelConfig, shapes: dict[str, tuple[int, int]], fisher: 
 
 
 def stats_shardings(shapes: Mapping[str, tuple[int, int]], mesh: Mesh, rules: Mapping = RULES):
-    """NamedShardings of the stats: dimension d_in split as the kernel's d_in is, the rest replicated."""
+    """NamedShardings of the stats: dimension d_in split as the kernel's d_in is, the rest replicated; a Gram
+    matrix whose rows no rule splits over fsdp (o and down under pure fsdp: their d_in is a tensor axis) gets
+    its rows split over fsdp (`fsdp_fallback`), so that no device holds a whole d_in × d_in Gram."""
     out = {}
     for path, (d_in, d_out) in shapes.items():
         axis = logical_axes(f"{path}/kernel", (d_in, d_out))[0]
         row = partition_spec((axis,), (d_in,), mesh.shape, rules)
-        out[path] = MatrixStats(NamedSharding(mesh, PartitionSpec(row[0], None)), NamedSharding(mesh, row),
+        gram = fsdp_fallback(PartitionSpec(row[0], None), (d_in, d_in), mesh.shape)
+        out[path] = MatrixStats(NamedSharding(mesh, gram), NamedSharding(mesh, row),
                                 NamedSharding(mesh, row), NamedSharding(mesh, PartitionSpec()))
     return out
 
