@@ -21,6 +21,7 @@ Results: experiments/results/whitening_memory.{json,md}.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -73,10 +74,17 @@ def decompose_child(checkpoint: str, stats_dir: str, family: str, rank: int, mat
     from plrd_jax.transforms.plan import RankPlan
 
     jax.devices()
+    trim = ctypes.CDLL("libc.so.6").malloc_trim if os.environ.get("PLRD_MALLOC_TRIM") else None
+
+    def progress(info):
+        rss.mark(**info)
+        if trim is not None:  # hand the heap's free pages back to the kernel after each tensor
+            trim(0)
+
     with RssSampler() as rss:
         meta = factorize_streamed(checkpoint, RankPlan(tuple(matrices.split(",")), rank=rank), family,
                                   name=f"whitened-r{rank}", decomposition="whitened", stats=load_stats(stats_dir),
-                                  progress=lambda info: rss.mark(**info))
+                                  progress=progress)
     Path(out).write_text(json.dumps({"baseline_rss": rss.baseline, "ru_maxrss": ru_maxrss(), "seconds": rss.seconds,
                                      "per_tensor": rss.segments, "member_params": meta["params"],
                                      "decomposition_report": meta["decomposition_report"]}, indent=1))
@@ -139,6 +147,8 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--work", default="/tmp/plrd-stream", help="checkpoint, statistics, family (GBs; deleted after)")
     p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "whitening_memory"))
+    p.add_argument("--malloc-trim", action="store_true",
+                   help="call glibc's malloc_trim(0) after each tensor (is memory kept between matrices the heap's?)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -159,6 +169,8 @@ def main(argv=None):
     subprocess.run([*me, "calibrate", str(checkpoint), str(stats_dir), str(args.windows), str(args.seq_len),
                     str(work / "calibrate.json")], env=env, check=True)
     env["XLA_FLAGS"] = ""
+    if args.malloc_trim:
+        env["PLRD_MALLOC_TRIM"] = "1"
     subprocess.run([*me, "decompose", str(checkpoint), str(stats_dir), str(family), str(args.rank), args.matrices,
                     str(work / "decompose.json")], env=env, check=True)
     cal, dec = (json.loads((work / f).read_text()) for f in ("calibrate.json", "decompose.json"))
