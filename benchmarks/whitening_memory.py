@@ -10,11 +10,12 @@ bounded host memory, on a synthetic checkpoint with LLaMA-2-7B's shapes.
    matrix's shard shape and bytes per device. The statistics are written with `plrd_jax.io.stats.save_stats`.
 2. decompose (a second child, one device): `factorize_streamed(..., decomposition="whitened",
    stats=load_stats(DIR))`: one matrix at a time, its Gram paged in from disk only while it is decomposed; RSS
-   sampled every 5 ms per tensor. Bound per matrix: 9 float32 buffers of its Gram's size (the Gram, its
+   sampled every 5 ms per tensor. Stated bound per matrix: 9 float32 buffers of its Gram's size (the Gram, its
    symmetrized, damped and normalized copies, the Cholesky factor, Lᵀ, L⁻ᵀ and the identity it is solved
-   against) plus 5 of its kernel's (the kernel, S·K, U, S⁻¹U and the factors), above the fixed overhead; it does
-   not grow with the layer count. Which input scaling each matrix used (a fallback when its Gram is not
-   numerically positive definite: with fewer calibration tokens than inputs it is singular) is reported.
+   against) plus 5 of its kernel's (the kernel, S·K, U, S⁻¹U and the factors), above the fixed overhead; the
+   copied tensors after each factorized one show whether memory is left behind. --malloc-trim hands glibc's
+   free heap pages back after every tensor. Which input scaling each matrix used (a fallback when its Gram is
+   not numerically positive definite: with fewer calibration tokens than inputs it is singular) is reported.
 
 Results: experiments/results/whitening_memory.{json,md}.
 """
