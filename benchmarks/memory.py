@@ -6,6 +6,14 @@ import threading
 import time
 
 
+def rss_parts() -> dict[str, int]:
+    """This process's resident memory now, in bytes, by kind: anonymous (its own allocations) and file-backed
+    (mapped files' pages, which the kernel can drop and read again)."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if line.startswith(("RssAnon", "RssFile")))
+    return {"anon": int(fields["RssAnon"].split()[0]) * 1024, "file": int(fields["RssFile"].split()[0]) * 1024}
+
+
 def ru_maxrss() -> int:
     """This process's high-water resident memory in bytes (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -16,7 +24,8 @@ class RssSampler:
 
     `with RssSampler() as rss: ...; rss.mark(tensor=name)` ends a segment there; `rss.segments` is then one dict
     per mark: its info, "seconds" since the previous mark, "peak_rss" (the largest sample within it) and
-    "ru_maxrss_after" (the high-water mark at its end, which grows if memory accumulates). `baseline` is the RSS
+    "ru_maxrss_after" (the high-water mark at its end, which grows if memory accumulates) and "after" (the resident
+    memory at its end by kind, `rss_parts`). `baseline` is the RSS
     when the sampler was made (after imports and backend start, if made then)."""
 
     def __init__(self):
@@ -48,7 +57,7 @@ class RssSampler:
         now = time.perf_counter()
         window = [rss for t, rss in self.samples if self._last <= t <= now] or [self.process.memory_info().rss]
         self.segments.append({**info, "seconds": now - self._last, "peak_rss": max(window),
-                              "ru_maxrss_after": ru_maxrss()})
+                              "ru_maxrss_after": ru_maxrss(), "after": rss_parts()})
         self._last = now
 
     @property

@@ -116,18 +116,20 @@ def report(cal: dict, dec: dict, layers: int, rank: int, matrices: str) -> str:
     lines += ["", f"Streamed whitened factorization (rank {rank} on {matrices!r}, the rest copied), statistics paged in "
                   f"from disk one matrix at a time; overhead {base / MIB:.0f} MiB. Bound per factorized matrix: "
                   "9 Gram-sized + 5 kernel-sized float32 buffers.", "",
-              "| tensor | seconds | input scaling | peak RSS − overhead (MiB) | bound (MiB) | within |",
-              "|---|---|---|---|---|---|"]
+              "| tensor | seconds | input scaling | peak RSS − overhead (MiB) | bound (MiB) | within | "
+              "resident after: anonymous / file-backed (MiB) |",
+              "|---|---|---|---|---|---|---|"]
     for r in dec["per_tensor"]:
         path = r["tensor"].rsplit("/", 1)[0]
         peak = r["peak_rss"] - base
+        after = f"{r['after']['anon'] / MIB:.0f} / {r['after']['file'] / MIB:.0f}" if "after" in r else ""
         if "scaling" in r:
             d_in, d_out = config.matrix_shape(path)
             bound = 4 * (9 * d_in * d_in + 5 * d_in * d_out)
             lines.append(f"| {r['tensor']} | {r['seconds']:.0f} | {r['scaling']} | {peak / MIB:.0f} | "
-                         f"{bound / MIB:.0f} | {'yes' if peak < bound else 'NO'} |")
+                         f"{bound / MIB:.0f} | {'yes' if peak < bound else 'NO'} | {after} |")
         else:
-            lines.append(f"| {r['tensor']} | {r['seconds']:.0f} | copied | {peak / MIB:.0f} | | |")
+            lines.append(f"| {r['tensor']} | {r['seconds']:.0f} | copied | {peak / MIB:.0f} | | | {after} |")
     overall = dec["ru_maxrss"] - base
     fallbacks = describe_fallbacks(dec["decomposition_report"]) or "no whitening fell back"
     lines += ["", f"Overall peak (ru_maxrss) − overhead: {overall / MIB:.0f} MiB; wall {dec['seconds']:.0f} s. "

@@ -131,40 +131,50 @@ def whitening(xtx: jax.Array, damping: float = 1e-6) -> Scaling:
     """S = Lᵀ, L Lᵀ = XᵀX (+ λ·mean diag·I), with the fallbacks of the module docstring; jit-able."""
     h = xtx.astype(_dtype(xtx))
     h = (h + h.T) / 2
-    n = h.shape[0]
-    eye = jnp.eye(n, dtype=h.dtype)
     mean_diag = jnp.mean(jnp.diag(h))
     mean_diag = jnp.where(mean_diag > 0, mean_diag, 1.0)
+    return _first_scaling(h, mean_diag, (damping, *FALLBACK_DAMPINGS))
 
-    def cholesky(lam):
-        damped = h + lam * mean_diag * eye
-        d = jnp.sqrt(jnp.diag(damped))
-        lc = jnp.linalg.cholesky(damped / d[:, None] / d[None, :])
-        upper = (lc * d[:, None]).T  # Lᵀ = (D L_C)ᵀ
-        inv = jax.scipy.linalg.solve_triangular(lc.T, eye, lower=False) / d[:, None]  # L⁻ᵀ = D⁻¹ L_C⁻ᵀ
-        ok = jnp.all(jnp.isfinite(upper)) & jnp.all(jnp.isfinite(inv)) & jnp.all(jnp.diag(damped) > 0)
-        return upper, inv, ok
 
-    def eigh():
-        lam, v = jnp.linalg.eigh(h)
-        lam = jnp.maximum(lam, EIGEN_FLOOR * jnp.max(jnp.abs(lam)))
-        lam = jnp.where(lam > 0, lam, 1.0)
-        root = jnp.sqrt(lam)
-        return Scaling((v * root).T, v / root, jnp.int32(4), jnp.zeros((), h.dtype))
+# Module-level, not closures over each other: a self-referencing closure would form a reference cycle that keeps
+# its Gram-sized arrays alive until Python's cyclic collector runs (in a streamed 7B decomposition, about 1 GB
+# per 11008-wide matrix).
+def _first_scaling(h: jax.Array, mean_diag: jax.Array, dampings: tuple[float, ...], first: bool = True) -> Scaling:
+    """The Cholesky scaling at the first of `dampings` that works, else the eigendecomposition's."""
+    if not dampings:
+        return _eigh_scaling(h)
+    upper, inv, ok = _damped_cholesky(h, mean_diag, dampings[0])
+    found = Scaling(upper, inv, jnp.int32(2 if first else 3), jnp.asarray(dampings[0], h.dtype))
+    del upper, inv
+    try:
+        ok = bool(ok)
+    except jax.errors.ConcretizationTypeError:  # under jit: the later attempts run only when needed
+        return jax.lax.cond(ok, lambda found=found: found,
+                            lambda: _first_scaling(h, mean_diag, dampings[1:], first=False))
+    if ok:
+        return found
+    del found  # not held while the next attempt runs
+    return _first_scaling(h, mean_diag, dampings[1:], first=False)
 
-    dampings = (damping, *FALLBACK_DAMPINGS)
 
-    def chain(i):
-        if i == len(dampings):
-            return eigh()
-        upper, inv, ok = cholesky(dampings[i])
-        found = Scaling(upper, inv, jnp.int32(2 if i == 0 else 3), jnp.asarray(dampings[i], h.dtype))
-        try:
-            return found if bool(ok) else chain(i + 1)
-        except jax.errors.ConcretizationTypeError:  # under jit: the later attempts run only when needed
-            return jax.lax.cond(ok, lambda: found, lambda: chain(i + 1))
+def _damped_cholesky(h: jax.Array, mean_diag: jax.Array, lam: float):
+    """(Lᵀ, L⁻ᵀ, ok) of h + λ·mean_diag·I, as D·chol(D⁻¹ (h + λ…) D⁻¹) with D = diag(√(h + λ…)_ii)."""
+    eye = jnp.eye(h.shape[0], dtype=h.dtype)
+    damped = h + lam * mean_diag * eye
+    d = jnp.sqrt(jnp.diag(damped))
+    lc = jnp.linalg.cholesky(damped / d[:, None] / d[None, :])
+    upper = (lc * d[:, None]).T  # Lᵀ = (D L_C)ᵀ
+    inv = jax.scipy.linalg.solve_triangular(lc.T, eye, lower=False) / d[:, None]  # L⁻ᵀ = D⁻¹ L_C⁻ᵀ
+    ok = jnp.all(jnp.isfinite(upper)) & jnp.all(jnp.isfinite(inv)) & jnp.all(jnp.diag(damped) > 0)
+    return upper, inv, ok
 
-    return chain(0)
+
+def _eigh_scaling(h: jax.Array) -> Scaling:
+    lam, v = jnp.linalg.eigh(h)
+    lam = jnp.maximum(lam, EIGEN_FLOOR * jnp.max(jnp.abs(lam)))
+    lam = jnp.where(lam > 0, lam, 1.0)
+    root = jnp.sqrt(lam)
+    return Scaling((v * root).T, v / root, jnp.int32(4), jnp.zeros((), h.dtype))
 
 
 def input_scaling(decomposition: Decomposition, stats=None, d_in: int | None = None) -> Scaling:
