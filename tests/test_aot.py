@@ -74,7 +74,9 @@ def test_plan_compiles_prune_heal_and_eval_steps_of_a_sheared_preset():
 def test_plan_steps_are_checked_before_compiling(capsys):
     for argv, message in ((["plan", "--steps", "prune"], "prune is not a step of 'plrd'"),
                           (["plan", "--preset", "nope"], "--preset 'nope' is not one of"),
-                          (["plan", "--topology", "v5p-8", "--eval-batch", "3"], "a micro-batch of 3 sequences")):
+                          (["plan", "--topology", "v5p-8", "--eval-batch", "3"], "a micro-batch of 3 sequences"),
+                          (["plan", "--topology", "v5p-8", "--members", "7"], "the preset has members 0..4"),
+                          (["plan", "--topology", "v5p-8", "--members", "x"], "expected indices such as 0,2")):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err

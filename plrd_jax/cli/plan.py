@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 
 from plrd_jax.cli.common import positive_int
 
@@ -90,6 +91,7 @@ def run(args) -> None:
     check_mesh(parent, mesh, slice_.chips, batch // accum)  # one-line errors before any compile
     if args.eval_batch:
         check_mesh(parent, mesh, slice_.chips, args.eval_batch)
+    chosen_members(args, len(schedule.members if sheared else schedule.stages))
     if jax.device_count() < slice_.chips:  # re-run with as many host CPU devices as the slice has chips
         env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
                                           f"--xla_force_host_platform_device_count={slice_.chips}".strip(),
@@ -107,24 +109,34 @@ def _planned_steps(args, schedule, sheared, steps, parent, batch, accum):
     else:
         members = [(stage.name, config, None) for stage, config in zip(schedule.stages, member_configs(parent, schedule))]
     teacher = parent if not sheared and heal.kd_weight > 0 else None
-    chosen = range(len(members)) if args.members is None else [int(x) for x in args.members.split(",")]
-    for k in chosen:
+    prune = schedule.prune.replace(dtype=args.dtype, grad_accum=accum) if sheared else None
+    heal_batch = (schedule.continue_batch_size or batch) if sheared and not args.batch_size else batch
+    for k in chosen_members(args, len(members)):
         name, config, member = members[k]
-        for step in steps:
+        for step in steps:  # each plan function then takes (slice, mesh shape)
             if step == "prune":
-                prune = schedule.prune.replace(dtype=args.dtype, grad_accum=accum)
-                yield k, name, step, parent, lambda s, m, member=member, prune=prune: _plan_prune(
-                    parent, member, prune, schedule, batch, s, m)
+                yield k, name, step, parent, partial(_plan_prune, parent, member, prune, schedule, batch)
             elif step == "heal":
-                heal_batch = (schedule.continue_batch_size or batch) if sheared and not args.batch_size else batch
-                yield k, name, step, config, lambda s, m, config=config, heal_batch=heal_batch: _plan_heal(
-                    config, heal, heal_batch, schedule.seq_len, s, m, teacher)
+                yield k, name, step, config, partial(_plan_heal, config, heal, heal_batch, schedule.seq_len,
+                                                     teacher=teacher)
             else:
-                yield k, name, step, config, lambda s, m, config=config: _plan_eval(
-                    config, eval_batch, schedule.seq_len, s, m)
+                yield k, name, step, config, partial(_plan_eval, config, eval_batch, schedule.seq_len)
 
 
-def _plan_heal(config, heal, batch, seq_len, slice_, mesh, teacher):
+def chosen_members(args, count: int) -> list[int]:
+    """The member indices of --members (default all), checked against the preset's `count` members."""
+    if args.members is None:
+        return list(range(count))
+    try:
+        chosen = [int(x) for x in args.members.split(",")]
+    except ValueError:
+        raise ValueError(f"--members {args.members!r}: expected indices such as 0,2") from None
+    if any(not 0 <= k < count for k in chosen):
+        raise ValueError(f"--members {args.members!r}: the preset has members 0..{count - 1}")
+    return chosen
+
+
+def _plan_heal(config, heal, batch, seq_len, slice_, mesh, teacher=None):
     from plrd_jax.training.aot import plan_heal_step
 
     out = plan_heal_step(config, heal, batch, seq_len, slice_, mesh, teacher)
