@@ -265,6 +265,8 @@ def test_streamed_whitening_reports_fallbacks_and_missing_statistics_fail_first(
     with pytest.raises(DecompositionError, match="inputs of width 32, its kernel takes 80"):
         factorize_streamed(path, plan, tmp_path / "fam", decomposition="whitened",
                            stats={**stats, "layers_1/mlp/down": stats["layers_0/mlp/up"]})
+    with pytest.raises(DecompositionError, match="needs Fisher rows"):
+        factorize_streamed(path, plan, tmp_path / "fam", decomposition="fisher", stats=stats)
     assert not (tmp_path / "fam").exists()
     seen = []
     meta = factorize_streamed(path, plan, tmp_path / "fam", decomposition="whitened", stats=stats,

@@ -212,7 +212,7 @@ def factorize_streamed(hf_dir: str | os.PathLike, plan: RankPlan | Mapping[str, 
 
 def _check_streamed_stats(config: ModelConfig, ranks: Mapping[str, int], decomposition: Decomposition,
                           stats: Mapping[str, MatrixStats] | None) -> None:
-    """Every factorized matrix has statistics of its input width (checked from shapes, nothing read)."""
+    """Every factorized matrix has statistics of its input width (`check_stats` too), before any is written."""
     if not decomposition.needs_stats:
         return
     if stats is None:
@@ -226,6 +226,7 @@ def _check_streamed_stats(config: ModelConfig, ranks: Mapping[str, int], decompo
         if tuple(stats[p].xtx.shape) != (d_in, d_in):
             raise DecompositionError(f"statistics of {p!r} are for inputs of width {stats[p].xtx.shape[0]}, "
                                      f"its kernel takes {d_in}")
+        check_stats(decomposition, stats[p], p)  # e.g. Fisher rows present: reads one vector, not the Gram
 
 
 def _decomposed(kernel: jax.Array, r: int, decomposition: Decomposition, stats, path: str):
@@ -233,7 +234,6 @@ def _decomposed(kernel: jax.Array, r: int, decomposition: Decomposition, stats, 
     matrix_stats = None
     if decomposition.needs_stats:
         matrix_stats = MatrixStats(*(jnp.asarray(np.asarray(x, np.float32)) for x in stats[path]))
-        check_stats(decomposition, matrix_stats, path)
     spectrum = decompose(kernel, decomposition, matrix_stats)
     a, b = truncate(spectrum, r, kernel.dtype)
     return a, b, describe_scaling(spectrum.scaling)
