@@ -143,3 +143,20 @@ def test_bad_plans_fail_with_their_message(params, make, message):
         make(params)
     assert message in str(error.value)
 
+
+
+def test_budget_ranks_keep_every_layer_one_shape():
+    """The budget's top-up raises a kind in every layer at once, so a uniform member's layers form one scan."""
+    from plrd_jax.nn.accounting import count_params
+    from plrd_jax.nn.config import LinearSpec, ModelConfig
+    from plrd_jax.nn.model import abstract_params, layer_runs
+
+    config = ModelConfig(vocab_size=512, hidden_size=96, intermediate_size=256, num_layers=12, num_heads=6,
+                         num_kv_heads=2, max_seq_len=64)
+    shapes = abstract_params(config)
+    for fraction in (0.9, 0.75, 0.6, 0.5, 0.4):
+        budget = int(fraction * count_params(shapes))
+        ranks = resolve_ranks(shapes, RankPlan(("attn", "mlp"), budget=budget))
+        member = config.with_linears({p: LinearSpec("lowrank", rank=r) for p, r in ranks.items()})
+        assert layer_runs(member) == [(0, 12)], fraction
+        assert abs(count_params(abstract_params(member)) - budget) <= 0.01 * budget

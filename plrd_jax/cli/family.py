@@ -69,6 +69,10 @@ def _member_flags(f) -> None:
     f.add_argument("--one-shot", action="store_true", help="every member straight from the parent")
     f.add_argument("--multiple-of", type=positive_int, default=None, help="round ranks to a multiple of this")
     f.add_argument("--mesh", default="1,-1,1", help=MESH_HELP)
+    f.add_argument("--layers", choices=["scanned", "unrolled"], default="scanned",
+                   help="scanned: the parent and every member whose layers share one shape run them under one "
+                        "jax.lax.scan, params stored stacked (one compile per layer shape); unrolled: one "
+                        "subtree and one traced copy per layer. The same family either way.")
     f.add_argument("--save-every", type=nonnegative_int, default=4, help="healing checkpoint every N steps (resume)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--decomposition", choices=DECOMPOSITIONS, default=None,
@@ -153,7 +157,7 @@ def run(args) -> None:
                              {n: c.windows for n, c in corpora.items()}, store,
                              calibration_windows=calibration.windows[:schedule.calibration_windows],
                              mesh_shape=mesh_shape, save_every=args.save_every, seed=args.seed, data_spec=data_spec,
-                             on_event=events)
+                             on_event=events, scan_layers=args.layers == "scanned")
     finally:
         events.close()  # an interrupted run's bar ends its line before the message
     store.close()

@@ -37,6 +37,7 @@ from plrd_jax.io.hf import EXPORTABLE_KINDS, SINGLE_FILE, config_to_hf, hf_state
 from plrd_jax.io.output import staged_directory, OutputError, check_writable
 from plrd_jax.nn.accounting import count_params
 from plrd_jax.nn.config import DTYPES, ConfigError, LinearSpec, ModelConfig
+from plrd_jax.nn.model import unstack_layers
 
 FORMATS = ("hf", "gguf")
 DENSIFY_MODES = ("auto", "all", "none")
@@ -187,6 +188,7 @@ def export_model(params, config: ModelConfig, out: str | os.PathLike, *, tokeniz
     (weights written), weight_bytes, factorized and dense (matrix counts), densified (paths)."""
     densified = check_exportable(config, format, dtype, densify)
     check_export_target(out, force)
+    params, config = unstack_layers(params), config.replace(scan_layers=False)  # files hold one tensor per layer
     dtype = dtype or config.param_dtype
     stored = dtype if format == "hf" else "float32"  # GGUF encodes (rounds, quantizes) float32 itself
     params, config = densify_params(params, config, densified)

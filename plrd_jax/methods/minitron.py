@@ -51,7 +51,7 @@ import numpy as np
 import plrd_jax.nn.masks as M
 from plrd_jax.nn.config import ModelConfig
 from plrd_jax.nn.linears import Linear
-from plrd_jax.nn.model import Block, Decoder
+from plrd_jax.nn.model import Block, Decoder, unstack_layers
 from plrd_jax.nn.accounting import count_params
 from plrd_jax.transforms.prune import prune
 
@@ -112,6 +112,7 @@ def importance(config: ModelConfig, params, windows: np.ndarray, batch_size: int
 
     Batches of `batch_size` windows, the last one padded with weight-0 windows, one jitted step each; sums
     in float32 on the device per batch, float64 across batches."""
+    params = unstack_layers(params)  # recorded per layer, by path
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] == 0:
         raise ValueError(f"calibration windows must be [N, T] with N, T >= 1, got shape {windows.shape}")

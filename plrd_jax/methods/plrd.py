@@ -27,7 +27,7 @@ from plrd_jax.configs import Presets
 from plrd_jax.evaluation.perplexity import perplexities
 from plrd_jax.io.store import FamilyStore, StoreError
 from plrd_jax.nn.accounting import count_params
-from plrd_jax.nn.model import abstract_params
+from plrd_jax.nn.model import abstract_params, arrange_layers
 from plrd_jax.nn.sharding import make_mesh, param_shardings, replicated
 from plrd_jax.training.loop import run_stage, state_layout
 from plrd_jax.training.optim import HealConfig, make_optimizer
@@ -145,7 +145,7 @@ def _ranks(config: ModelConfig) -> dict[str, int]:
 def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule: Schedule, heal_data,
                eval_sets, store: FamilyStore, *, calibration_windows: np.ndarray | None = None,
                mesh_shape=(1, -1, 1), save_every: int = 0, eval_batch_size: int = 4, seed: int = 0,
-               data_spec: dict | None = None,
+               data_spec: dict | None = None, scan_layers: bool = True,
                on_event: Callable[[str, dict], None] = lambda kind, info: None) -> list[MemberResult]:
     """Build (or finish building) the family in `store`.
 
@@ -155,17 +155,21 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
     `schedule.calibration_windows` healing windows). on_event(kind, info) reports progress ("parent", "stage",
     "step", "eval", "member"); the library never prints. Returns one MemberResult per stage; the parent's PPL
     per corpus is in every member's metadata ("parent_ppl").
+    scan_layers: the parent and every member whose layers share one shape run their layers under one scan,
+    params stored stacked (`nn.model.arrange_layers`); the others, or all with False, run unrolled. The
+    layout changes how a model is computed, not what: it is not part of the run's identity.
     """
     if heal_data.seq_len != schedule.seq_len:
         raise ValueError(f"heal data windows are {heal_data.seq_len} tokens, the schedule wants {schedule.seq_len}")
     if not isinstance(eval_sets, dict):
         eval_sets = {"eval": np.asarray(eval_sets)}
+    parent_config, parent_params = arrange_layers(parent_config, parent_params, scan_layers)
     if calibration_windows is None:
         calibration_windows = heal_data.windows[:schedule.calibration_windows]
     parent_count = count_params(parent_params)
     run = _FamilyRun(parent, parent_config, parent_params, parent_count, schedule, heal_data, eval_sets, store,
                      calibration_windows, make_mesh(mesh_shape), save_every, eval_batch_size, seed, data_spec,
-                     on_event)
+                     on_event, scan_layers)
     run.run_id = fingerprint({"parent": parent, "schedule": schedule.to_dict(), "data": data_spec, "seed": seed,
                               "parent_params": parent_count})
     existing = {s: store.metadata(s) for s in store.steps()}
@@ -205,6 +209,7 @@ class _FamilyRun:
     seed: int
     data_spec: dict | None
     on_event: Callable
+    scan_layers: bool
     run_id: str = ""
     parent_ppl: dict | None = None
     placed_parent: Any = None
@@ -303,8 +308,9 @@ class _FamilyRun:
         if schedule.method == "minitron":
             from plrd_jax.methods.minitron import minitron_prune
 
-            return minitron_prune(source_config, source_params, self.calibration_windows, budget,
-                                  schedule.minitron_mode)
+            params, config, report = minitron_prune(source_config, source_params, self.calibration_windows, budget,
+                                                    schedule.minitron_mode)
+            return (*arrange_layers(config, params, self.scan_layers)[::-1], report)
         plan = dataclasses.replace(stage.plan(self.parent_count, schedule.matrices, schedule.multiple_of),
                                    decomposition=schedule.decomposition)
         stats = None
@@ -314,7 +320,9 @@ class _FamilyRun:
                 stats = calibrate(source_config, source_params, self.calibration_windows,
                                   fisher=plan.decomposition.needs_fisher)
                 self.parent_stats = None if schedule.progressive else stats
-        return compress(source_params, plan, source_config, allocation=schedule.allocation, stats=stats)
+        params, config, report = compress(source_params, plan, source_config, allocation=schedule.allocation,
+                                          stats=stats)
+        return (*arrange_layers(config, params, self.scan_layers)[::-1], report)
 
 
 def _eval(config, params, eval_sets, batch_size, on_event, when, member) -> dict[str, float]:

@@ -10,6 +10,11 @@ Parameter paths (stable; the transforms address matrices by them):
   final_norm/scale                       (d,)
   lm_head/...                            only when embeddings are untied
 
+Stacked layout (a scanned decoder whose layers all share one shape, `ModelConfig.scan_layers`; MaxText's):
+every `layers_{i}` subtree above becomes one subtree `layers/...` whose leaves carry a leading layer axis L,
+e.g. layers/attn/q/kernel (L, d, H·hd). `stack_layers` / `unstack_layers` convert between the two; the decoder
+runs either, and the transforms take the per-layer layout (`unstack_layers` at their entry).
+
 Kernels are (d_in, d_out), `y = x K` (the transpose of a PyTorch/HF weight).
 
 Structured-pruning masks (Sheared-LLaMA, see plrd_jax/masks.py): `Decoder(...)(tokens, masks=...)` takes an
@@ -30,6 +35,7 @@ from plrd_jax.nn.config import ModelConfig
 from plrd_jax.nn.linears import BOTTLENECK, Linear
 
 Cache = list[dict[str, jax.Array]]
+STACK = "layers"  # the key of the stacked layout (see the module docstring)
 
 
 class RMSNorm(nn.Module):
@@ -218,8 +224,10 @@ class Decoder(nn.Module):
         rotary = rotary_tables(positions, c.head_dim_, c.rope_theta)
         new_cache = []
         block = Block if c.remat == "none" else nn.remat(Block, policy=remat_policy(c.remat))
-        scan = c.scan_layers and not self.is_initializing()
-        for start, stop in (layer_runs(c) if scan else [(i, i + 1) for i in range(c.num_layers)]):
+        stacked = not self.is_initializing() and STACK in self.variables["params"]
+        scan = stacked or (c.scan_layers and not self.is_initializing())
+        runs = [(0, c.num_layers)] if stacked else layer_runs(c) if scan else [(i, i + 1) for i in range(c.num_layers)]
+        for start, stop in runs:
             if stop - start > 1:
                 x, caches = self._scanned(start, stop, x, positions, rotary, cache, masks)
                 new_cache.extend(caches)
@@ -239,13 +247,15 @@ class Decoder(nn.Module):
 
 
     def _scanned(self, start: int, stop: int, x, positions, rotary, cache, masks):
-        """Layers [start, stop) (identical specs) under one `jax.lax.scan`: their params, cache entries and
-        masks stacked along a leading layer axis, one `Block` applied per step (remat'ed per layer)."""
-        c = self.config
+        """Layers [start, stop) (identical specs) under one `jax.lax.scan`: their params (stored stacked, or
+        stacked here), cache entries and masks along a leading layer axis, one `Block` applied per step
+        (remat'ed per layer)."""
+        c, variables = self.config, self.variables["params"]
 
         def stack(trees):
             return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-        params = stack([self.variables["params"][f"layers_{i}"] for i in range(start, stop)])
+        params = variables[STACK] if STACK in variables else stack([variables[f"layers_{i}"]
+                                                                     for i in range(start, stop)])
         caches = None if cache is None else stack(cache[start:stop])
         layer_masks = None if masks is None else stack([_layer_masks(masks, i) for i in range(start, stop)])
         block = Block(c, start, parent=None)
@@ -271,6 +281,48 @@ def layer_runs(config: ModelConfig) -> list[tuple[int, int]]:
         else:
             runs.append([i, i + 1])
     return [tuple(r) for r in runs]
+
+
+def is_stacked(params) -> bool:
+    """Whether `params` are in the stacked layout (one `layers` subtree with a leading layer axis)."""
+    return STACK in params
+
+
+def stack_layers(params, config: ModelConfig):
+    """Per-layer params {layers_0: P_0, ..., layers_{L-1}: P_{L-1}, ...} -> {layers: P, ...} with every leaf of P
+    the stack of the layers' leaves along a new leading axis (L, ...). Needs every layer to have the same specs
+    (`layer_runs(config) == [(0, L)]`: uniform ranks, e.g. rounded with `RankPlan.multiple_of`); already
+    stacked params are returned as they are. Pure: jit it with out_shardings to keep params sharded."""
+    if STACK in params:
+        return params
+    runs = layer_runs(config)
+    if len(runs) != 1:
+        raise ValueError(f"layers {runs[1][0] - 1} and {runs[1][0]} differ in their linears' specs "
+                         f"({len(runs)} runs of identical layers): only a decoder whose layers all share one "
+                         "shape can be stored stacked; keep the per-layer layout")
+    names = [f"layers_{i}" for i in range(config.num_layers)]
+    out = {key: node for key, node in params.items() if key not in names}
+    out[STACK] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
+    return out
+
+
+def unstack_layers(params):
+    """The inverse of `stack_layers`: {layers: P, ...} -> {layers_i: P[i], ...}; per-layer params as they are."""
+    if STACK not in params:
+        return params
+    stacked = params[STACK]
+    count = jax.tree.leaves(stacked)[0].shape[0]
+    out = {key: node for key, node in params.items() if key != STACK}
+    out.update({f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(count)})
+    return out
+
+
+def arrange_layers(config: ModelConfig, params, scan: bool = True):
+    """(config, params) laid out to run: with `scan` and every layer of one shape, scanned (`scan_layers`)
+    and stored stacked; otherwise unrolled, one subtree per layer. Either way the same function of the tokens."""
+    config = config.replace(scan_layers=bool(scan))
+    config = config.replace(scan_layers=stores_stacked(config))
+    return config, (stack_layers(params, config) if config.scan_layers else unstack_layers(params))
 
 
 def remat_policy(name: str):
@@ -305,9 +357,15 @@ def init_cache(config: ModelConfig, batch: int, length: int) -> Cache:
 
 
 def init_params(config: ModelConfig, seed: int = 0) -> dict:
-    """Randomly initialized params (the "params" collection) for `config`."""
-    variables = Decoder(config).init(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))
-    return variables["params"]
+    """Randomly initialized params (the "params" collection) for `config`: stacked (`stack_layers`) when
+    `config.scan_layers` and its layers all share one shape, else one subtree per layer."""
+    params = Decoder(config).init(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))["params"]
+    return stack_layers(params, config) if stores_stacked(config) else params
+
+
+def stores_stacked(config: ModelConfig) -> bool:
+    """Whether `config`'s params are in the stacked layout: scanned layers that all share one shape."""
+    return config.scan_layers and config.num_layers > 1 and len(layer_runs(config)) == 1
 
 
 

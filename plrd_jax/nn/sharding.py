@@ -14,6 +14,7 @@ Params stay plain nested dicts; their logical axes are derived from the path and
   .../scale (norms)               (norm,)
   values, indices (sltrain)       (sparse,)
   anything else                   replicated
+  layers/...  (stacked layout)    a leading layer axis, never split, before the axes above
 
 Activations: the residual stream (the embedding's and each block's output, (B, T, d)) is split over the batch
 axes inside `shard_activations(mesh)`, so the partitioner never has to guess a layout for it.
@@ -27,7 +28,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from plrd_jax.nn.model import Block
+from plrd_jax.nn.model import STACK, Block
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -134,10 +135,14 @@ def fsdp_fallback(spec: PartitionSpec, shape: Sequence[int], mesh_shape: Mapping
 
 def param_shardings(params, mesh: Mesh, rules: Mapping = RULES):
     """Pytree of `NamedSharding` matching `params` (arrays or `jax.ShapeDtypeStruct`s): the rules' partitioning,
-    plus `fsdp_fallback` for matrices the rules leave whole on every fsdp device."""
+    plus `fsdp_fallback` for matrices the rules leave whole on every fsdp device. In the stacked layout each
+    layer's slice is split so, the layer axis never."""
     def sharding(key_path, x):
-        spec = partition_spec(logical_axes(_path_str(key_path), x.shape), x.shape, mesh.shape, rules)
-        return NamedSharding(mesh, fsdp_fallback(spec, x.shape, mesh.shape))
+        path = _path_str(key_path)
+        lead = 1 if path.split("/", 1)[0] == STACK else 0
+        shape = x.shape[lead:]
+        spec = partition_spec(logical_axes(path, shape), shape, mesh.shape, rules)
+        return NamedSharding(mesh, PartitionSpec(*([None] * lead), *fsdp_fallback(spec, shape, mesh.shape)))
     return jax.tree_util.tree_map_with_path(sharding, params)
 
 

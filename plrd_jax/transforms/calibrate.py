@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from plrd_jax.nn.config import ModelConfig
 from plrd_jax.nn.linears import Linear
-from plrd_jax.nn.model import Decoder
+from plrd_jax.nn.model import Decoder, unstack_layers
 from plrd_jax.nn.sharding import (RULES, batch_sharding, fsdp_fallback, logical_axes, make_mesh, param_shardings,
                                   partition_spec)
 from plrd_jax.training.losses import next_token_loss
@@ -175,6 +175,7 @@ def calibrate(config: ModelConfig, params, windows: np.ndarray, batch_size: int 
     depends on the forward only up to those layers, and XLA drops the rest of it (later layers, the LM head):
     calibrating layer i alone costs the forward of layers 0..i.
     """
+    params = unstack_layers(params)  # statistics are kept per layer, by path
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.shape[1] < 2 or len(windows) == 0:
         raise ValueError(f"calibration windows must be [N, T] with N >= 1, T >= 2, got shape {windows.shape}")

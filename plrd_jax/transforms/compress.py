@@ -2,6 +2,7 @@
 by a decomposition (`compress`)."""
 from __future__ import annotations
 
+from plrd_jax.nn.model import stack_layers, stores_stacked, unstack_layers
 from plrd_jax.transforms.allocate import allocate_ranks, compute_spectra, ranks_by_layer, selected_paths
 from plrd_jax.transforms.decompositions import describe_scaling, scaling_report
 from plrd_jax.transforms.factorize import reduce_rank
@@ -13,12 +14,16 @@ def compress(params, plan: RankPlan, config=None, *, allocation: str = "uniform"
     """One member from `params` (dense or factorized): the plan's matrices at its size, ranks chosen by
     `allocation` (non-uniform ones need `plan.budget`), factors by `plan.decomposition` (`reduce_rank`).
 
+    `params` in either layout (`nn.model.stack_layers`); the result is stacked when the new config's layers
+    all share one shape and it scans them (`stores_stacked`), else per layer.
+
     Returns (params, config, report), report = {"decomposition", "allocation", "ranks_by_layer"}, plus
     "scalings" (how many matrices used each input scaling, e.g. {"cholesky (damping 1e-06)": 210}) and
     "fallbacks" (path -> scaling of every matrix whose whitening fell back, `scaling_report`) when the
     decomposition needs statistics or the allocation is not uniform, and "solver" / "sensitivity" for a
     non-uniform allocation.
     """
+    params = unstack_layers(params)  # the plan and the statistics address matrices per layer
     decomposition = plan.decomposition
     if allocation != "uniform" and plan.budget is None:
         raise PlanError(f"allocation {allocation!r} needs a parameter budget (RankPlan(budget=...)), not a rank rule")
@@ -40,4 +45,6 @@ def compress(params, plan: RankPlan, config=None, *, allocation: str = "uniform"
     new_params, new_config = reduce_rank(params, ranks, config, stats=stats, decomposition=decomposition,
                                          spectra=spectra)
     report["ranks_by_layer"] = ranks_by_layer(ranks)
+    if new_config is not None and stores_stacked(new_config):
+        new_params = stack_layers(new_params, new_config)
     return new_params, new_config, report

@@ -174,7 +174,10 @@ def _budget_ranks(params, matrices: dict[str, Matrix], selected: list[str], plan
     """Ranks round(f · min(d_in, d_out)) for the one fraction f that brings the tree nearest `plan.budget`.
 
     Bisection brackets the budget between two neighbouring fractions f_lo < f_hi; the matrices whose rank
-    differs between them then take the higher rank, in tree order, while that brings the count nearer.
+    differs between them then take the higher rank while that brings the count nearer: first a whole kind at
+    a time (layer i's attn/q with every other layer's, so that the layers keep one shape and run under one
+    scan, `nn.model.stores_stacked`), then, only when that leaves the count more than 1 % away, one matrix at a
+    time in tree order.
     """
     fixed = count_params(params) - sum(matrices[p].size for p in selected)
 
@@ -196,10 +199,18 @@ def _budget_ranks(params, matrices: dict[str, Matrix], selected: list[str], plan
         lo, hi = (mid, hi) if count(ranks(mid)) <= plan.budget else (lo, mid)
     chosen, upper = ranks(lo), ranks(hi)
     size = count(chosen)
-    for p in selected:
-        step = _size_after(matrices[p], upper[p]) - _size_after(matrices[p], chosen[p])
-        if abs(size + step - plan.budget) < abs(size - plan.budget):
-            chosen[p], size = upper[p], size + step
+    kinds: dict[str, list[str]] = {}
+    for p in selected:  # one group per kind and shape: "layers_3/attn/q" joins "layers_0/attn/q"
+        kinds.setdefault(f"{re.sub(r'^layers_[0-9]+/', '', p)} {matrices[p]}", []).append(p)
+    singles = [[p] for p in selected]
+    for groups in (list(kinds.values()), singles):
+        if groups is singles and abs(size - plan.budget) <= 0.01 * plan.budget:
+            break  # single matrices only while the kinds leave the count more than 1 % off
+        for group in groups:
+            step = sum(_size_after(matrices[p], upper[p]) - _size_after(matrices[p], chosen[p]) for p in group)
+            if abs(size + step - plan.budget) < abs(size - plan.budget):
+                chosen.update({p: upper[p] for p in group})
+                size += step
     if abs(size - plan.budget) > 0.01 * plan.budget:
         raise PlanError(f"budget {plan.budget} cannot be met within 1%: the nearest reachable size is {size} "
                         f"(a smaller multiple_of gives finer steps)")

@@ -31,6 +31,7 @@ import numpy as np
 
 from plrd_jax.nn.config import ModelConfig
 from plrd_jax.nn.masks import mask_shapes
+from plrd_jax.nn.model import stack_layers, stores_stacked, unstack_layers
 from plrd_jax.transforms.units import PruneError, decoder_units, prune_units
 
 __all__ = ["Cut", "PruneError", "apply_cut", "decoder_keep", "prune", "prune_cuts", "pruned_shape"]
@@ -217,7 +218,9 @@ def prune(params, config: ModelConfig, masks: dict) -> tuple[dict, ModelConfig]:
     The new config states head_dim explicitly and keeps each surviving matrix's LinearSpec. Layers are dropped
     here, the slicing is `prune_units(decoder_units(...), decoder_keep(...))` and the kept mask values are
     folded in by the cuts' scales (module docstring); the result equals applying each `Cut` whole.
+    `params` in either layout; the result in the new config's (`nn.model.stores_stacked`).
     """
+    params = unstack_layers(params)  # masks and cuts address layers by index
     if not isinstance(config, ModelConfig) or "embed" not in params:
         raise PruneError("prune reads our decoder's masks and paths (a ModelConfig and its params); for any other "
                          "tree describe its units and call transforms.units.prune_units")
@@ -237,4 +240,4 @@ def prune(params, config: ModelConfig, masks: dict) -> tuple[dict, ModelConfig]:
         scale_only = dataclasses.replace(cut, rows=None, cols=None)
         for leaf, x in node.items():
             target[leaf] = apply_cut(leaf, x, scale_only)
-    return out, new_config
+    return (stack_layers(out, new_config) if stores_stacked(new_config) else out), new_config
