@@ -1,13 +1,15 @@
-"""Compile time of one member's heal step, layers scanned against unrolled, side by side.
+"""Compile time and step time of one member's heal step, layers scanned against unrolled, side by side.
 
     python benchmarks/bench_compile.py [--model smollm2-135m] [--fractions 0.9,0.5] [--batch 4] [--seq-len 256]
-                                       [--out experiments/results/bench_compile]
+                                       [--steps 5] [--out experiments/results/bench_compile]
 
-For each member size (a uniform-rank member at that fraction of the parent's parameters, the main job's
-shape) and each layout, lowers and compiles the healing step ahead of time (`make_heal_step`, distilling from
-the parent as the main job does) from abstract parameters — no weights are read, nothing runs — and times
-lowering and compiling separately. The persistent compilation cache is off here, so every compile is cold.
-Writes OUT.md and OUT.json.
+For each member size (the budget plan's member at that fraction of the parent's parameters, the main job's
+shape) and each layout — unrolled (one subtree per layer) and scanned (params stored stacked,
+`nn.model.stack_layers`, as `family` runs them) — lowers and compiles the healing step ahead of time
+(`make_heal_step`, distilling from the parent as the main job does) from abstract parameters and times
+lowering and compiling separately; then, with `--steps N`, runs N steps on random weights of those shapes and
+reports the median step after the first. The persistent compilation cache is off here, so every compile is
+cold. Writes OUT.md and OUT.json.
 """
 from __future__ import annotations
 
@@ -21,11 +23,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compile_seconds(config, parent_config, batch: int, seq_len: int) -> dict[str, float]:
+def compile_seconds(config, parent_config, batch: int, seq_len: int, steps: int = 0) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
-    from plrd_jax.nn.model import abstract_params
+    from plrd_jax.nn.model import abstract_params, init_params
+    from plrd_jax.training.state import init_train_state
     from plrd_jax.nn.sharding import make_mesh, param_shardings
     from plrd_jax.training.loop import state_layout
     from plrd_jax.training.optim import HealConfig, make_optimizer
@@ -42,9 +46,22 @@ def compile_seconds(config, parent_config, batch: int, seq_len: int) -> dict[str
     t0 = time.perf_counter()
     lowered = step.lower(layout, tokens, teacher)
     t1 = time.perf_counter()
-    lowered.compile()
+    compiled = lowered.compile()
     t2 = time.perf_counter()
-    return {"lower_s": t1 - t0, "compile_s": t2 - t1}
+    out = {"lower_s": t1 - t0, "compile_s": t2 - t1}
+    if steps:
+        state = init_train_state(init_params(config), heal, mesh, shardings)
+        teacher_params = jax.device_put(init_params(parent_config, 1), jax.tree.map(lambda s: s.sharding, teacher))
+        rng = np.random.default_rng(0)
+        times = []
+        for _ in range(steps):
+            batch_tokens = rng.integers(0, config.vocab_size, (1, batch, seq_len)).astype(np.int32)
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, batch_tokens, teacher_params)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t0)
+        out["step_s"] = float(np.median(times[1:] if len(times) > 1 else times))
+    return out
 
 
 def main(argv=None):
@@ -53,6 +70,7 @@ def main(argv=None):
     ap.add_argument("--fractions", default="0.9,0.5")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5, help="steps run per layout on random weights (0: compile only)")
     ap.add_argument("--same-ranks", action="store_true",
                     help="every layer at one rank per matrix kind (the smallest the budget plan gives it), so "
                          "that all layers form one scanned run")
@@ -84,20 +102,24 @@ def main(argv=None):
         for layout, scan in (("unrolled", False), ("scanned", True)):
             config = member.replace(scan_layers=scan)
             timings[layout] = compile_seconds(config, parent_config.replace(scan_layers=scan), args.batch,
-                                              args.seq_len)
+                                              args.seq_len, args.steps)
         runs = len(layer_runs(member))
         results.append({"fraction": fraction, "scan_runs": runs, **timings})
         u, s = timings["unrolled"], timings["scanned"]
         rows.append([f"{round(fraction * 100)} %", str(runs), f"{u['lower_s']:.1f}", f"{u['compile_s']:.1f}",
                      f"{s['lower_s']:.1f}", f"{s['compile_s']:.1f}",
-                     f"{(u['lower_s'] + u['compile_s']) / (s['lower_s'] + s['compile_s']):.1f}×"])
+                     f"{(u['lower_s'] + u['compile_s']) / (s['lower_s'] + s['compile_s']):.1f}×"]
+                    + ([f"{u['step_s']:.2f}", f"{s['step_s']:.2f}", f"{u['step_s'] / s['step_s']:.2f}×"]
+                       if args.steps else []))
         print(rows[-1], flush=True)
     columns = ["member", "scanned runs of layers", "unrolled lower s", "unrolled compile s", "scanned lower s",
-               "scanned compile s", "speed-up"]
+               "scanned compile s", "compile speed-up"] + (
+        ["unrolled step s", "scanned step s", "step speed-up"] if args.steps else [])
     text = (f"Heal step of each member (batch {args.batch} × {args.seq_len}, distilling from the parent), lowered "
             f"and compiled ahead of time on {jax.device_count()} {jax.default_backend()} device(s), "
             f"{os.cpu_count()} cores, no compilation cache. Command: `python benchmarks/bench_compile.py "
-            f"--fractions {args.fractions}{' --same-ranks' if args.same_ranks else ''}`.\n\n" + markdown_table(rows, columns) + "\n")
+            f"--fractions {args.fractions} --steps {args.steps}{' --same-ranks' if args.same_ranks else ''}`. "
+            f"Step: median of the steps after the first of {args.steps} on random weights.\n\n" + markdown_table(rows, columns) + "\n")
     Path(args.out + ".md").write_text(text)
     Path(args.out + ".json").write_text(json.dumps(results, indent=1))
     print(text)

@@ -27,6 +27,8 @@ def register(subparsers) -> None:
     p.add_argument("--steps", default=None, help="which steps to plan, e.g. heal,eval (default: every step the "
                                                  "preset runs: heal,eval; Sheared: prune,heal,eval)")
     p.add_argument("--remat", choices=["none", "full", "dots"], default=None)
+    p.add_argument("--layers", choices=["scanned", "unrolled"], default="scanned",
+                   help="scanned (params stacked, as `family` runs them) or unrolled layers")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="compute dtype")
     p.set_defaults(func=run)
 
@@ -49,17 +51,20 @@ def parent_config(args, preset: str):
 
 
 def member_configs(parent, schedule) -> list:
-    """Each stage's member shapes, as the family would make them (ranks from shapes alone)."""
+    """Each stage's member shapes, as the family would make them (ranks from shapes alone; layers scanned
+    when the parent's are and the member's all share one shape)."""
     from plrd_jax.nn.accounting import count_params
     from plrd_jax.nn.config import LinearSpec
-    from plrd_jax.nn.model import abstract_params
+    from plrd_jax.nn.model import abstract_params, stores_stacked
     from plrd_jax.transforms.plan import resolve_ranks
 
     parent_count, source, out = count_params(abstract_params(parent)), parent, []
     for stage in schedule.stages:
-        shapes = abstract_params(source)
+        shapes = abstract_params(source.replace(scan_layers=False))  # ranks are planned per layer
         ranks = resolve_ranks(shapes, stage.plan(parent_count, schedule.matrices, schedule.multiple_of))
         member = source.with_linears({p: LinearSpec("lowrank", rank=r) for p, r in ranks.items()})
+        member = member.replace(scan_layers=parent.scan_layers)
+        member = member.replace(scan_layers=stores_stacked(member))
         out.append(member)
         source = member if schedule.progressive else parent
     return out
@@ -83,7 +88,8 @@ def run(args) -> None:
         raise ValueError(f"--steps: {', '.join(unknown)} is not a step of {args.preset!r} "
                          f"({'prune, heal, eval' if sheared else 'heal, eval'})")
     mesh = tuple(int(x) for x in args.mesh.split(","))
-    parent = parent_config(args, args.preset).replace(dtype=args.dtype, remat=args.remat or "none")
+    parent = parent_config(args, args.preset).replace(dtype=args.dtype, remat=args.remat or "none",
+                                                      scan_layers=args.layers == "scanned")
     batch = args.batch_size or schedule.batch_size
     accum = args.grad_accum or schedule.heal.grad_accum
     if batch % accum:

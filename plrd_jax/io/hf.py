@@ -29,6 +29,7 @@ from safetensors.numpy import save_file
 
 from plrd_jax.io.output import check_writable, staged_directory
 from plrd_jax.nn.config import DTYPES, ConfigError, LinearSpec, ModelConfig
+from plrd_jax.nn.model import unstack_layers
 from plrd_jax.transforms.factorize import densify
 
 
@@ -282,8 +283,8 @@ def _dense(params, config: ModelConfig) -> tuple[dict, ModelConfig]:
 
 
 def hf_state_dict(params, config: ModelConfig) -> dict[str, np.ndarray]:
-    """HF-named numpy arrays (weights (out, in)) of a dense params tree."""
-    out = {}
+    """HF-named numpy arrays (weights (out, in)) of a dense params tree (either layout, `nn.model.stack_layers`)."""
+    params, out = unstack_layers(params), {}
     for name, (keys, shape, transposed) in hf_layout(config).items():
         node = params
         try:
@@ -308,7 +309,7 @@ def save_hf(params, config: ModelConfig, out_dir: str | os.PathLike, tokenizer=N
     """
     out = Path(out_dir)
     check_save_target(out, overwrite)
-    params, config = _dense(params, config)
+    params, config = _dense(unstack_layers(params), config.replace(scan_layers=False))
     with staged_directory(out) as tmp:
         save_file(hf_state_dict(params, config), str(tmp / SINGLE_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
