@@ -69,17 +69,20 @@ def decode_steps(config, params, cache_len: int, steps: int):
 
 
 def load_parent(args):
-    """(config, params) of the parent: the checkpoint (--model), or random weights of --config-json."""
+    """(config, params) of the parent: the checkpoint (--model), or random weights of --config-json; laid out
+    as --layers says."""
     from plrd_jax.nn.config import ModelConfig
     from plrd_jax.io.load import load_model
-    from plrd_jax.nn.model import init_params
+    from plrd_jax.nn.model import arrange_layers, init_params
 
     if args.config_json:
         with open(args.config_json) as f:
-            config = ModelConfig.from_dict(json.load(f)).replace(param_dtype="float32", dtype="float32")
-        return config, init_params(config)
-    config, params, _ = load_model(args.model)
-    return config, params
+            config = ModelConfig.from_dict(json.load(f)).replace(param_dtype="float32", dtype="float32",
+                                                                 scan_layers=False)
+        params = init_params(config)
+    else:
+        config, params, _ = load_model(args.model)
+    return arrange_layers(config, params, args.layers == "scanned")
 
 
 def plrd_jax_heal_step(args, tokens):
@@ -168,13 +171,16 @@ def main():
                     help="time the members with the attention core (QKᵀ, softmax, P·V) replaced by a pass-through "
                          "and the FLOP ratio without its FLOPs: what the rest of the model gains, not a model "
                          "(no heal steps)")
+    ap.add_argument("--layers", choices=["scanned", "unrolled"], default="scanned",
+                    help="how our side runs the parent's and every member's layers (members whose layers differ "
+                         "run unrolled either way), as `family --layers` does")
     ap.add_argument("--json", default=None)
     ap.add_argument("--config-json", default=None, help="random weights of this ModelConfig JSON (speed only)")
     args = ap.parse_args()
     keep_freed_memory()  # restarts this script once, with malloc keeping freed memory (see timing.py)
 
     from plrd_jax.io.load import cast, load_model
-    from plrd_jax.nn.model import Decoder
+    from plrd_jax.nn.model import Decoder, arrange_layers, unstack_layers
     from plrd_jax.nn.accounting import count_params
     from plrd_jax.nn.accounting import model_flops_per_token
     from plrd_jax.transforms.factorize import factorize
@@ -230,25 +236,27 @@ def main():
     flop_len = 0 if args.no_attention_core else args.seq_len  # T = 0: 2N, the matmuls' FLOPs alone
     parent_flops = model_flops_per_token(config, flop_len, training=False)
     def members():
+        scan = args.layers == "scanned"
         yield "parent", config, params
         if args.family:  # the members of a stored family, by name
             from plrd_jax.io.store import FamilyStore
 
             for meta in FamilyStore(args.family, read_only=True).members():
                 cfg, p, _ = load_model(f"{args.family}:{meta['member']}")
-                yield meta["name"], cfg, p
+                yield meta["name"], *arrange_layers(cfg, p, scan)
             return
+        per_layer, per_layer_config = unstack_layers(params), config.replace(scan_layers=False)
         if args.budgets:  # members at these fractions of the parent's parameters, ranks rounded to --multiple-of
             n = count_params(params)
             for budget in [float(f) for f in args.budgets.split(",")]:
                 for multiple in [int(m) for m in args.multiple_of.split(",")]:
                     plan = RankPlan(("attn", "mlp"), budget=int(budget * n), multiple_of=multiple)
-                    p, cfg = factorize(params, plan, config)
-                    yield f"{round(100 * budget)}% (ranks × {multiple})", cfg, p
+                    p, cfg = factorize(per_layer, plan, per_layer_config)
+                    yield f"{round(100 * budget)}% (ranks × {multiple})", *arrange_layers(cfg, p, scan)
             return
         for fraction in [float(f) for f in args.fractions.split(",") if f]:
-            p, cfg = factorize(params, RankPlan(("attn", "mlp"), fraction=fraction), config)
-            yield f"rank {round(fraction * config.hidden_size)}", cfg, p
+            p, cfg = factorize(per_layer, RankPlan(("attn", "mlp"), fraction=fraction), per_layer_config)
+            yield f"rank {round(fraction * config.hidden_size)}", *arrange_layers(cfg, p, scan)
 
     compiled = []
     ablation = (mock.patch("plrd_jax.nn.model.masked_attention", values_passthrough) if args.no_attention_core

@@ -169,3 +169,17 @@ def test_every_gram_is_split_over_fsdp_and_equals_the_single_device_one():
     run = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split()[-2:] == ["ok", "15"]
+
+
+def test_stacked_params_give_the_per_layer_statistics(parent):
+    """A scanned model's stacked params calibrate like its per-layer ones (torch reference as above)."""
+    from plrd_jax.nn.model import arrange_layers
+
+    model, config, params = parent
+    config, params = arrange_layers(config, params, scan=True)
+    assert "layers" in params
+    stats = calibrate(config, params, WINDOWS, batch_size=2)
+    ref = reference_stats(model, list(stats), WINDOWS)
+    assert sorted(stats) == sorted(config.matrix_paths())
+    for path, (xtx, *_) in ref.items():
+        np.testing.assert_allclose(stats[path].xtx, xtx, rtol=1e-4, atol=1e-5 * np.abs(xtx).max(), err_msg=path)

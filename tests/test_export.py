@@ -336,3 +336,21 @@ def test_a_disk_that_fills_midway_leaves_no_directory(family, tmp_path, fmt):
         result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "nothing was written" in lines[-1]
     assert sorted(os.listdir(tmp_path)) == ["source"]
+
+
+def test_a_stacked_member_exports_the_same_files(tmp_path):
+    """A member in the stacked layout (layers scanned) exports what its per-layer twin exports, and transformers
+    computes its logits."""
+    from plrd_jax.nn.model import arrange_layers
+
+    params, config = member()
+    scanned_config, stacked = arrange_layers(config, params, scan=True)
+    assert "layers" in stacked
+    export_model(stacked, scanned_config, tmp_path / "stacked")
+    export_model(params, config, tmp_path / "per-layer")
+    a, b = load_file(tmp_path / "stacked" / "model.safetensors"), load_file(tmp_path / "per-layer" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "stacked" / "config.json").read_text()) == json.loads(
+        (tmp_path / "per-layer" / "config.json").read_text())
+    _, logits = theirs(tmp_path / "stacked", trust_remote_code=True)
+    assert rel_error(logits, ours(scanned_config, stacked)) <= 1e-4

@@ -257,3 +257,17 @@ def test_tokenizer_larger_than_vocab(saved):
     small_tokenizer(full_byte_alphabet=True).save(saved)  # 258 tokens > the model's 64 embedding rows
     with pytest.raises(CheckpointError, match=r"tokenizer has \d+ tokens but the model's embedding has only 64"):
         load_model(saved)
+
+
+def test_a_loaded_checkpoint_in_the_stacked_layout_matches_transformers(tmp_path):
+    """HF in, stacked (layers scanned), logits equal to transformers'; saved from the stacked layout, the same
+    weights come back."""
+    from plrd_jax.nn.model import arrange_layers
+
+    model = hf_llama(**LLAMA_CASES["gqa-untied"])
+    model.save_pretrained(tmp_path / "in")
+    config, params = arrange_layers(*load_hf(tmp_path / "in"), scan=True)
+    assert config.scan_layers and params["layers"]["attn"]["q"]["kernel"].shape == (2, 32, 32)
+    assert_close_logits(our_logits(config, params), hf_logits(model))
+    save_hf(params, config, tmp_path / "out")
+    assert_close_logits(hf_logits(LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()), hf_logits(model))

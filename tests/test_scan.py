@@ -151,3 +151,18 @@ def test_compress_prune_and_export_take_the_stacked_layout():
     assert "layers" in qa and da.intermediate_size == db.intermediate_size == 40
     for x, y in zip(jax.tree.leaves(unstack_layers(qa)), jax.tree.leaves(qb)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_masks_run_on_stacked_params():
+    from plrd_jax.nn.model import stack_layers
+
+    params = init_params(UNIFORM, 5)
+    stacked = stack_layers(params, UNIFORM.replace(scan_layers=True))
+    rng = np.random.default_rng(2)
+    masks = {"z_layer": jnp.asarray(rng.uniform(size=5), jnp.float32),
+             "z_head": jnp.asarray(rng.uniform(size=(5, 4)), jnp.float32),
+             "z_int": jnp.asarray(rng.uniform(size=(5, 48)), jnp.float32),
+             "z_hidden": jnp.asarray(rng.uniform(size=32), jnp.float32)}
+    a = Decoder(UNIFORM.replace(scan_layers=True)).apply({"params": stacked}, TOKENS, masks=masks)
+    b = Decoder(UNIFORM).apply({"params": params}, TOKENS, masks=masks)
+    assert float(jnp.abs(a - b).max()) <= 1e-5 * float(jnp.abs(b).max())
