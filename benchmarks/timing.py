@@ -8,14 +8,12 @@ import time
 
 import jax
 
-# glibc malloc settings that keep freed memory in the process: large blocks come from the heap instead of
-# mmap, the heap is never trimmed, and all threads share the main arena (the others cannot hold blocks over
-# 64 MB). A virtual machine with free page reporting (this one: `page_reporting.page_reporting_order=11` in
-# /proc/cmdline) hands pages freed to the kernel back to its host, and touching them again costs up to 8 µs a
-# page, against about 0.5 µs for a page the kernel kept. Without these settings a heal step frees and touches
-# again 1.4-2.4 GB of buffers and a forward its 200 MB of logits, and their times depend on what the host did
-# in between.
-KEEP_FREED_MEMORY = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
+# glibc malloc keeping freed memory (the CLI's setting, `plrd_jax.cli.keep_freed_memory`). A virtual machine with
+# free page reporting (this one: `page_reporting.page_reporting_order=11` in /proc/cmdline) hands pages freed to
+# the kernel back to its host, and touching them again costs up to 8 µs a page, against about 0.5 µs for a page
+# the kernel kept. Without these settings a heal step frees and touches again 1.4-2.4 GB of buffers and a forward
+# its 200 MB of logits, and their times depend on what the host did in between.
+from plrd_jax.cli import KEEP_FREED_MEMORY  # noqa: E402
 
 
 def keep_freed_memory() -> None:

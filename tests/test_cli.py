@@ -359,3 +359,25 @@ def test_cli_modules_stay_small():
     commands = next(a for a in parser._actions if a.dest == "command").choices
     assert list(commands) == ["eval", "info", "generate", "export", "family", "compress", "shear", "pretrain", "plan",
                               "zeroshot", "tables"]
+
+
+def test_the_command_line_restarts_once_with_malloc_keeping_freed_memory():
+    """On the host CPU the CLI runs with KEEP_FREED_MEMORY (set once, read by glibc at start-up); a
+    GLIBC_TUNABLES already set, even empty, is left alone."""
+    import platform
+    import subprocess
+    import sys
+
+    from plrd_jax.cli import KEEP_FREED_MEMORY
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    code = ("import os; from plrd_jax.cli import keep_freed_memory; keep_freed_memory(); "
+            "print(repr(os.environ.get('GLIBC_TUNABLES')))")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip() == repr(KEEP_FREED_MEMORY), out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "GLIBC_TUNABLES": ""}, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip() == repr("")
