@@ -115,7 +115,8 @@ def main(argv=None):
             f"and compiled ahead of time on {jax.device_count()} {jax.default_backend()} device(s), "
             f"{os.cpu_count()} cores, no compilation cache. Command: `python benchmarks/bench_compile.py "
             f"--fractions {args.fractions} --steps {args.steps}`. "
-            f"First step: the first call of the compiled step; step: median of the steps after it, {args.steps} in all, on random weights.\n\n" + markdown_table(rows, columns) + "\n")
+            f"First step: the first call of the compiled step; step: median of the steps after it, {args.steps} "
+            f"in all, on random weights.\n\n" + markdown_table(rows, columns) + "\n")
     Path(args.out + ".md").write_text(text)
     Path(args.out + ".json").write_text(json.dumps(results, indent=1))
     print(text)

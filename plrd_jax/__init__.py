@@ -2,7 +2,8 @@
 
 The names a user needs, in the order of the pipeline (docs/api.md has each with an example):
 
-  model      ModelConfig, LinearSpec, ConfigError, Decoder, init_params, init_cache, abstract_params, count_params
+  model      ModelConfig, LinearSpec, ConfigError, Decoder, init_params, init_cache, abstract_params,
+             arrange_layers, count_params
   load/save  load_model (embedded name, HF dir, GGUF, family member "DIR:N"), save_hf, FamilyStore, load_member
   data       load_dataset (a corpus tokenized into windows [N, T]: a TokenDataset)
   transforms RankPlan, factorize, reduce_rank, densify, calibrate, compress, allocate_ranks,
@@ -20,7 +21,7 @@ from plrd_jax.io.store import FamilyStore, load_member
 from plrd_jax.methods.plrd import Schedule, Stage, run_family
 from plrd_jax.nn.accounting import count_params
 from plrd_jax.nn.config import ConfigError, LinearSpec, ModelConfig
-from plrd_jax.nn.model import Decoder, abstract_params, init_cache, init_params
+from plrd_jax.nn.model import Decoder, abstract_params, arrange_layers, init_cache, init_params
 from plrd_jax.training.loop import heal
 from plrd_jax.training.optim import HealConfig
 from plrd_jax.transforms.allocate import allocate_ranks
@@ -32,7 +33,7 @@ from plrd_jax.transforms.prune import prune
 from plrd_jax.transforms.sparse import sparse_plus_lowrank
 
 __all__ = ["ModelConfig", "LinearSpec", "ConfigError", "Decoder", "init_params", "init_cache", "abstract_params",
-           "count_params", "load_model", "save_hf", "FamilyStore", "load_member", "load_dataset", "TokenDataset",
+           "arrange_layers", "count_params", "load_model", "save_hf", "FamilyStore", "load_member", "load_dataset", "TokenDataset",
            "RankPlan",
            "factorize", "reduce_rank", "densify", "calibrate", "compress", "allocate_ranks", "sparse_plus_lowrank",
            "prune", "HealConfig", "heal", "Schedule", "Stage", "run_family", "perplexity", "generate"]

@@ -348,7 +348,8 @@ def test_a_stacked_member_exports_the_same_files(tmp_path):
     assert "layers" in stacked
     export_model(stacked, scanned_config, tmp_path / "stacked")
     export_model(params, config, tmp_path / "per-layer")
-    a, b = load_file(tmp_path / "stacked" / "model.safetensors"), load_file(tmp_path / "per-layer" / "model.safetensors")
+    a = load_file(tmp_path / "stacked" / "model.safetensors")
+    b = load_file(tmp_path / "per-layer" / "model.safetensors")
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "stacked" / "config.json").read_text()) == json.loads(
         (tmp_path / "per-layer" / "config.json").read_text())

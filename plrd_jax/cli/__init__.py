@@ -6,17 +6,12 @@ safetensors directory, or a stored family member `FAMILY_DIR:N` / `FAMILY_DIR:NA
 from __future__ import annotations
 
 import argparse
-import glob
 import os
-import sys
 
 from plrd_jax.cli import compress, eval, export, family, generate, info, plan, pretrain, shear, tables, zeroshot
-from plrd_jax.cli.common import DEFAULT_MODEL, Parser, describe_os_error, known_errors, report
+from plrd_jax.cli.common import (DEFAULT_MODEL, KEEP_FREED_MEMORY, Parser, describe_os_error, keep_freed_memory,
+                                 known_errors, release_freed_memory, report)
 from plrd_jax.cli.family import family_schedule  # noqa: F401  (tests and scripts import it from here)
-
-# glibc malloc settings that keep freed memory in the process: large blocks come from the heap instead of mmap,
-# the heap is never trimmed, and all threads share the main arena (the others cannot hold blocks over 64 MB).
-KEEP_FREED_MEMORY = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
 
 COMMANDS = (eval, info, generate, export, family, compress, shear, pretrain, plan, zeroshot, tables)  # --help order
 
@@ -58,27 +53,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def keep_freed_memory() -> None:
-    """Restart this command once with GLIBC_TUNABLES=KEEP_FREED_MEMORY when JAX computes on the host CPU.
-
-    XLA:CPU allocates each step's buffers (the logits alone are 200 MB per 1024 tokens of a 49K vocabulary) and
-    frees them when the step ends; with glibc's defaults every block that large is a fresh mmap, so each step
-    faults its pages in again (tens of millions of page faults in the main job, paid as system time, and more
-    on virtual machines that hand freed pages back to their host). Kept in the heap, the pages are reused.
-    glibc reads the setting only at start-up, hence the restart. Nothing happens off glibc, with an
-    accelerator present (/dev/accel*, /dev/nvidia*, /dev/vfio/N) unless JAX_PLATFORMS=cpu, or when
-    GLIBC_TUNABLES is already set (set it to "" to keep glibc's defaults)."""
-    import platform
-
-    if "GLIBC_TUNABLES" in os.environ or platform.libc_ver()[0] != "glibc" or not sys.executable:
-        return
-    accelerators = glob.glob("/dev/accel*") + glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/vfio/[0-9]*")
-    if accelerators and os.environ.get("JAX_PLATFORMS", "").lower() != "cpu":
-        return
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
-              {**os.environ, "GLIBC_TUNABLES": KEEP_FREED_MEMORY})
-
-
 def use_compilation_cache() -> None:
     """Turn on JAX's persistent compilation cache, so that a resumed or repeated run loads its compiled steps
     instead of compiling them again: `$PLRD_COMPILATION_CACHE` (default `~/.cache/plrd_jax/xla`; empty or "off"
@@ -95,4 +69,4 @@ def use_compilation_cache() -> None:
 
 
 __all__ = ["main", "build_parser", "family_schedule", "DEFAULT_MODEL", "use_compilation_cache", "keep_freed_memory",
-           "KEEP_FREED_MEMORY"]
+           "release_freed_memory", "KEEP_FREED_MEMORY"]

@@ -9,7 +9,8 @@ import jax
 
 from plrd_jax.cli.common import (ALLOCATIONS, DECOMPOSITIONS, DEFAULT_EVAL_DATA, DEFAULT_HEAL_DATA, DEFAULT_MODEL,
                                  DTYPES, MESH_HELP, StepBars, check_out_dir, check_seq_len, check_sources,
-                                 evaluation_corpora, nonnegative_int, parent_samples, positive_int, print_summary)
+                                 evaluation_corpora, nonnegative_int, parent_samples, positive_int, print_summary,
+                                 release_freed_memory)
 
 RESUMES = True
 
@@ -217,6 +218,7 @@ class FamilyEvents(StepBars):
             bar.update(1)
         elif kind == "member":
             self.member(info)
+            release_freed_memory()
 
     def member(self, info):
         from plrd_jax.evaluation.perplexity import geomean_ratio, ratios_to_parent

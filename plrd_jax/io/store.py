@@ -24,6 +24,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from plrd_jax.io.output import check_writable
 from plrd_jax.nn.config import ModelConfig
+from plrd_jax.nn.model import abstract_params
 
 
 class StoreError(ValueError):
@@ -151,16 +152,6 @@ class FamilyStore:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["params"], (out["opt_state"] if abstract_opt_state is not None else None)
-
-
-def abstract_params(config: ModelConfig, shardings=None):
-    """ShapeDtypeStructs of `config`'s params, optionally with shardings (a matching pytree)."""
-    from plrd_jax.nn.model import init_params
-
-    shapes = jax.eval_shape(lambda: init_params(config))
-    if shardings is None:
-        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), shapes)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 def split_member_spec(spec: str) -> tuple[str, str] | None:

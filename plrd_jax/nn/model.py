@@ -226,7 +226,8 @@ class Decoder(nn.Module):
         block = Block if c.remat == "none" else nn.remat(Block, policy=remat_policy(c.remat))
         stacked = not self.is_initializing() and STACK in self.variables["params"]
         scan = stacked or (c.scan_layers and not self.is_initializing())
-        runs = [(0, c.num_layers)] if stacked else layer_runs(c) if scan else [(i, i + 1) for i in range(c.num_layers)]
+        runs = ([(0, c.num_layers)] if stacked else layer_runs(c) if scan
+                else [(i, i + 1) for i in range(c.num_layers)])
         for start, stop in runs:
             if stop - start > 1:
                 x, caches = self._scanned(start, stop, x, positions, rotary, cache, masks)
@@ -281,11 +282,6 @@ def layer_runs(config: ModelConfig) -> list[tuple[int, int]]:
         else:
             runs.append([i, i + 1])
     return [tuple(r) for r in runs]
-
-
-def is_stacked(params) -> bool:
-    """Whether `params` are in the stacked layout (one `layers` subtree with a leading layer axis)."""
-    return STACK in params
 
 
 def stack_layers(params, config: ModelConfig):

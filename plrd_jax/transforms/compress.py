@@ -14,8 +14,9 @@ def compress(params, plan: RankPlan, config=None, *, allocation: str = "uniform"
     """One member from `params` (dense or factorized): the plan's matrices at its size, ranks chosen by
     `allocation` (non-uniform ones need `plan.budget`), factors by `plan.decomposition` (`reduce_rank`).
 
-    `params` in either layout (`nn.model.stack_layers`); the result is stacked when the new config's layers
-    all share one shape and it scans them (`stores_stacked`), else per layer.
+    With a `config`, `params` in either layout (`nn.model.stack_layers`), the result stacked when the new
+    config's layers all share one shape and it scans them (`stores_stacked`), else per layer; without one, any
+    tree, its stacks (a `layers` key) read as MaxText's (`transforms.views`).
 
     Returns (params, config, report), report = {"decomposition", "allocation", "ranks_by_layer"}, plus
     "scalings" (how many matrices used each input scaling, e.g. {"cholesky (damping 1e-06)": 210}) and
@@ -23,7 +24,8 @@ def compress(params, plan: RankPlan, config=None, *, allocation: str = "uniform"
     decomposition needs statistics or the allocation is not uniform, and "solver" / "sensitivity" for a
     non-uniform allocation.
     """
-    params = unstack_layers(params)  # the plan and the statistics address matrices per layer
+    if config is not None:  # our decoder: the plan and the statistics address its matrices per layer
+        params = unstack_layers(params)
     decomposition = plan.decomposition
     if allocation != "uniform" and plan.budget is None:
         raise PlanError(f"allocation {allocation!r} needs a parameter budget (RankPlan(budget=...)), not a rank rule")
