@@ -209,5 +209,6 @@ def _plan_members(args, schedule, sheared, steps, parent, batch, accum, slice_, 
                      "yes" if report["fits"] else "no", f"{report['flops'] / 1e12:.3g}", f"{seconds:.3g}", suggestion])
         print(" | ".join(rows[-1]), flush=True)
     columns = ["member", "name", "step", "params", "args GiB/device", "temp GiB/device", "peak GiB/device", "fits",
-               "TFLOP/device (XLA, one micro-batch)", "step s at peak (model FLOPs)", "to fit"]
+               "XLA TFLOP/device (a loop body once: one micro-batch, one layer)", "step s at peak (model FLOPs)",
+               "to fit"]
     print(markdown_table(rows, columns))
