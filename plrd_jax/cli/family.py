@@ -150,7 +150,7 @@ def run(args) -> None:
           f"({len(heal_data)} windows of {schedule.seq_len}), calibrating on {calibration_spec}; evaluating on "
           + ", ".join(f"{n}{' (unseen)' if n in unseen else ''}" for n in corpora)
           + f" ({args.eval_tokens} tokens each in windows of {args.eval_seq_len})", file=sys.stderr)
-    events = FamilyEvents()
+    events = FamilyEvents(args.save_every)
     data_spec = {"heal": heal_data.spec, "calibration": calibration.spec if calibration is not heal_data else "heal",
                  "eval": {n: c.spec for n, c in corpora.items()}, "unseen": unseen}
     try:
@@ -199,11 +199,13 @@ def _family_data(args, schedule, calibration_spec, config, params, tokenizer, me
 
 
 class FamilyEvents(StepBars):
-    """run_family's on_event: the parent's PPL, a progress bar per member, a line per finished member."""
+    """run_family's on_event: the parent's PPL, a progress bar per member, a line per finished member. Memory
+    that malloc keeps (`release_freed_memory`) goes back after each member's first step (its compile), after each
+    healing checkpoint, after each corpus scored and after each member: between phases, not between steps."""
 
-    def __init__(self):
+    def __init__(self, save_every: int = 0):
         super().__init__()
-        self.parent_ppl = None
+        self.parent_ppl, self.save_every = None, save_every
 
     def __call__(self, kind, info):
         if kind == "parent":
@@ -216,8 +218,12 @@ class FamilyEvents(StepBars):
             bar.n = info["step"] - 1
             bar.set_postfix(loss=f"{info['loss']:.3f}", tok_s=f"{info['tokens'] / info['seconds']:.0f}")
             bar.update(1)
+            if info["step"] == 1 or (self.save_every and (info["step"] - 1) % self.save_every == 0):
+                release_freed_memory()
         elif kind == "member":
             self.member(info)
+            release_freed_memory()
+        elif kind == "eval":  # one corpus scored (its first also compiled the evaluation step)
             release_freed_memory()
 
     def member(self, info):
