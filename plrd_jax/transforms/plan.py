@@ -170,6 +170,17 @@ def _size_after(m: Matrix, r: int) -> int:
     return m.count * min(r, m.rank) * (m.d_in + m.d_out)
 
 
+def top_up_groups(paths, keys) -> tuple[list[list[int]], list[list[int]]]:
+    """The two passes of a budget's top-up, as groups of indices into `paths` raised together: (one group per
+    matrix kind and `keys` entry (shape) across layers — "layers_3/attn/q" with "layers_0/attn/q", so that a
+    decoder's layers keep one shape and run under one scan —, every matrix alone). A caller takes the second
+    pass only when the first leaves the count more than 1 % off the budget."""
+    kinds: dict[tuple, list[int]] = {}
+    for i, (path, key) in enumerate(zip(paths, keys)):
+        kinds.setdefault((re.sub(r"^layers_[0-9]+/", "", path), key), []).append(i)
+    return list(kinds.values()), [[i] for i in range(len(paths))]
+
+
 def _budget_ranks(params, matrices: dict[str, Matrix], selected: list[str], plan: RankPlan) -> dict[str, int]:
     """Ranks round(f · min(d_in, d_out)) for the one fraction f that brings the tree nearest `plan.budget`.
 
@@ -199,17 +210,15 @@ def _budget_ranks(params, matrices: dict[str, Matrix], selected: list[str], plan
         lo, hi = (mid, hi) if count(ranks(mid)) <= plan.budget else (lo, mid)
     chosen, upper = ranks(lo), ranks(hi)
     size = count(chosen)
-    kinds: dict[str, list[str]] = {}
-    for p in selected:  # one group per kind and shape: "layers_3/attn/q" joins "layers_0/attn/q"
-        kinds.setdefault(f"{re.sub(r'^layers_[0-9]+/', '', p)} {matrices[p]}", []).append(p)
-    singles = [[p] for p in selected]
-    for groups in (list(kinds.values()), singles):
+    kinds, singles = top_up_groups(selected, [matrices[p] for p in selected])
+    for groups in (kinds, singles):
         if groups is singles and abs(size - plan.budget) <= 0.01 * plan.budget:
-            break  # single matrices only while the kinds leave the count more than 1 % off
+            break
         for group in groups:
-            step = sum(_size_after(matrices[p], upper[p]) - _size_after(matrices[p], chosen[p]) for p in group)
+            step = sum(_size_after(matrices[selected[i]], upper[selected[i]])
+                       - _size_after(matrices[selected[i]], chosen[selected[i]]) for i in group)
             if abs(size + step - plan.budget) < abs(size - plan.budget):
-                chosen.update({p: upper[p] for p in group})
+                chosen.update({selected[i]: upper[selected[i]] for i in group})
                 size += step
     if abs(size - plan.budget) > 0.01 * plan.budget:
         raise PlanError(f"budget {plan.budget} cannot be met within 1%: the nearest reachable size is {size} "
