@@ -5,7 +5,7 @@
 
 For each member size (the budget plan's member at that fraction of the parent's parameters, the main job's
 shape) and each layout — unrolled (one subtree per layer) and scanned (params stored stacked,
-`nn.model.stack_layers`, as `family` runs them) — lowers and compiles the healing step ahead of time
+`nn.layout.stack_layers`, as `family` runs them) — lowers and compiles the healing step ahead of time
 (`make_heal_step`, distilling from the parent as the main job does) from abstract parameters and times
 lowering and compiling separately; then, with `--steps N`, runs N steps on random weights of those shapes and
 reports the median step after the first. The persistent compilation cache is off here, so every compile is
@@ -81,7 +81,8 @@ def main(argv=None):
     from plrd_jax.io.load import load_model
     from plrd_jax.nn.accounting import count_params
     from plrd_jax.nn.config import LinearSpec
-    from plrd_jax.nn.model import abstract_params, layer_runs
+    from plrd_jax.nn.layout import layer_runs
+    from plrd_jax.nn.model import abstract_params
     from plrd_jax.reporting.tables import markdown_table
     from plrd_jax.transforms.plan import RankPlan, resolve_ranks
 

@@ -73,7 +73,8 @@ def load_parent(args):
     as --layers says."""
     from plrd_jax.nn.config import ModelConfig
     from plrd_jax.io.load import load_model
-    from plrd_jax.nn.model import arrange_layers, init_params
+    from plrd_jax.nn.layout import arrange_layers
+    from plrd_jax.nn.model import init_params
 
     if args.config_json:
         with open(args.config_json) as f:
@@ -180,7 +181,8 @@ def main():
     keep_freed_memory()  # restarts this script once, with malloc keeping freed memory (see timing.py)
 
     from plrd_jax.io.load import cast, load_model
-    from plrd_jax.nn.model import Decoder, arrange_layers, unstack_layers
+    from plrd_jax.nn.layout import arrange_layers, unstack_layers
+    from plrd_jax.nn.model import Decoder
     from plrd_jax.nn.accounting import count_params
     from plrd_jax.nn.accounting import model_flops_per_token
     from plrd_jax.transforms.factorize import factorize

@@ -21,7 +21,8 @@ from plrd_jax.io.store import FamilyStore, load_member
 from plrd_jax.methods.plrd import Schedule, Stage, run_family
 from plrd_jax.nn.accounting import count_params
 from plrd_jax.nn.config import ConfigError, LinearSpec, ModelConfig
-from plrd_jax.nn.model import Decoder, abstract_params, arrange_layers, init_cache, init_params
+from plrd_jax.nn.layout import arrange_layers
+from plrd_jax.nn.model import Decoder, abstract_params, init_cache, init_params
 from plrd_jax.training.loop import heal
 from plrd_jax.training.optim import HealConfig
 from plrd_jax.transforms.allocate import allocate_ranks

@@ -173,7 +173,7 @@ def test_every_gram_is_split_over_fsdp_and_equals_the_single_device_one():
 
 def test_stacked_params_give_the_per_layer_statistics(parent):
     """A scanned model's stacked params calibrate like its per-layer ones (torch reference as above)."""
-    from plrd_jax.nn.model import arrange_layers
+    from plrd_jax.nn.layout import arrange_layers
 
     model, config, params = parent
     config, params = arrange_layers(config, params, scan=True)

@@ -341,7 +341,7 @@ def test_a_disk_that_fills_midway_leaves_no_directory(family, tmp_path, fmt):
 def test_a_stacked_member_exports_the_same_files(tmp_path):
     """A member in the stacked layout (layers scanned) exports what its per-layer twin exports, and transformers
     computes its logits."""
-    from plrd_jax.nn.model import arrange_layers
+    from plrd_jax.nn.layout import arrange_layers
 
     params, config = member()
     scanned_config, stacked = arrange_layers(config, params, scan=True)

@@ -262,7 +262,7 @@ def test_tokenizer_larger_than_vocab(saved):
 def test_a_loaded_checkpoint_in_the_stacked_layout_matches_transformers(tmp_path):
     """HF in, stacked (layers scanned), logits equal to transformers'; saved from the stacked layout, the same
     weights come back."""
-    from plrd_jax.nn.model import arrange_layers
+    from plrd_jax.nn.layout import arrange_layers
 
     model = hf_llama(**LLAMA_CASES["gqa-untied"])
     model.save_pretrained(tmp_path / "in")

@@ -149,7 +149,8 @@ def test_budget_ranks_keep_every_layer_one_shape():
     """The budget's top-up raises a kind in every layer at once, so a uniform member's layers form one scan."""
     from plrd_jax.nn.accounting import count_params
     from plrd_jax.nn.config import LinearSpec, ModelConfig
-    from plrd_jax.nn.model import abstract_params, layer_runs
+    from plrd_jax.nn.layout import layer_runs
+    from plrd_jax.nn.model import abstract_params
 
     config = ModelConfig(vocab_size=512, hidden_size=96, intermediate_size=256, num_layers=12, num_heads=6,
                          num_kv_heads=2, max_seq_len=64)

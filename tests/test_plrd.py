@@ -193,7 +193,8 @@ def test_a_scanned_family_equals_an_unrolled_one(tmp_path):
 
     from plrd_jax.io.store import load_member
     from plrd_jax.methods.plrd import run_family
-    from plrd_jax.nn.model import init_params, unstack_layers
+    from plrd_jax.nn.layout import unstack_layers
+    from plrd_jax.nn.model import init_params
     from plrd_jax.transforms.factorize import densify
 
     heal, evals = tiny_data()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from plrd_jax.nn.config import LinearSpec, ModelConfig
-from plrd_jax.nn.model import Decoder, init_cache, init_params, layer_runs
+from plrd_jax.nn.layout import layer_runs
+from plrd_jax.nn.model import Decoder, init_cache, init_params
 
 BASE = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=5, num_heads=4, num_kv_heads=2,
                    max_seq_len=32)
@@ -61,7 +62,7 @@ def test_masks_and_cache_run_under_scan():
 # The stacked layout: one `layers` subtree with a leading layer axis (what a scanned decoder stores).
 
 def test_stacked_params_compute_what_per_layer_params_compute():
-    from plrd_jax.nn.model import stack_layers, unstack_layers
+    from plrd_jax.nn.layout import stack_layers, unstack_layers
 
     config = UNIFORM.replace(scan_layers=True)
     per_layer = init_params(UNIFORM, 3)
@@ -92,7 +93,8 @@ def test_stacked_params_compute_what_per_layer_params_compute():
 
 
 def test_init_and_layout_follow_the_config():
-    from plrd_jax.nn.model import abstract_params, arrange_layers, stack_layers, stores_stacked
+    from plrd_jax.nn.layout import arrange_layers, stack_layers, stores_stacked
+    from plrd_jax.nn.model import abstract_params
 
     assert stores_stacked(UNIFORM.replace(scan_layers=True)) and not stores_stacked(UNIFORM)
     assert not stores_stacked(MIXED.replace(scan_layers=True))  # two runs of layers: per layer, stacked in-step
@@ -109,7 +111,7 @@ def test_init_and_layout_follow_the_config():
 
 
 def test_stacked_shardings_and_weight_decay_are_the_per_layer_ones_with_a_layer_axis():
-    from plrd_jax.nn.model import stack_layers
+    from plrd_jax.nn.layout import stack_layers
     from plrd_jax.nn.sharding import make_mesh, param_shardings
     from plrd_jax.training.optim import decay_mask
 
@@ -131,7 +133,7 @@ def test_stacked_shardings_and_weight_decay_are_the_per_layer_ones_with_a_layer_
 
 def test_compress_prune_and_export_take_the_stacked_layout():
     """compress and prune give the same model from either layout (stacked out when the result's layers agree)."""
-    from plrd_jax.nn.model import stack_layers, unstack_layers
+    from plrd_jax.nn.layout import stack_layers, unstack_layers
     from plrd_jax.transforms.compress import compress
     from plrd_jax.transforms.plan import RankPlan
     from plrd_jax.transforms.prune import prune
@@ -154,7 +156,7 @@ def test_compress_prune_and_export_take_the_stacked_layout():
 
 
 def test_masks_run_on_stacked_params():
-    from plrd_jax.nn.model import stack_layers
+    from plrd_jax.nn.layout import stack_layers
 
     params = init_params(UNIFORM, 5)
     stacked = stack_layers(params, UNIFORM.replace(scan_layers=True))

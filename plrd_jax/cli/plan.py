@@ -55,7 +55,8 @@ def member_configs(parent, schedule) -> list:
     when the parent's are and the member's all share one shape)."""
     from plrd_jax.nn.accounting import count_params
     from plrd_jax.nn.config import LinearSpec
-    from plrd_jax.nn.model import abstract_params, stores_stacked
+    from plrd_jax.nn.layout import stores_stacked
+    from plrd_jax.nn.model import abstract_params
     from plrd_jax.transforms.plan import resolve_ranks
 
     parent_count, source, out = count_params(abstract_params(parent)), parent, []

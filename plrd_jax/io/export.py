@@ -37,7 +37,7 @@ from plrd_jax.io.hf import EXPORTABLE_KINDS, SINGLE_FILE, config_to_hf, hf_state
 from plrd_jax.io.output import staged_directory, OutputError, check_writable
 from plrd_jax.nn.accounting import count_params
 from plrd_jax.nn.config import DTYPES, ConfigError, LinearSpec, ModelConfig
-from plrd_jax.nn.model import unstack_layers
+from plrd_jax.nn.layout import unstack_layers
 
 FORMATS = ("hf", "gguf")
 DENSIFY_MODES = ("auto", "all", "none")

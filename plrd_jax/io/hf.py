@@ -29,7 +29,7 @@ from safetensors.numpy import save_file
 
 from plrd_jax.io.output import check_writable, staged_directory
 from plrd_jax.nn.config import DTYPES, ConfigError, LinearSpec, ModelConfig
-from plrd_jax.nn.model import unstack_layers
+from plrd_jax.nn.layout import unstack_layers
 from plrd_jax.transforms.factorize import densify
 
 
@@ -283,7 +283,7 @@ def _dense(params, config: ModelConfig) -> tuple[dict, ModelConfig]:
 
 
 def hf_state_dict(params, config: ModelConfig) -> dict[str, np.ndarray]:
-    """HF-named numpy arrays (weights (out, in)) of a dense params tree (either layout, `nn.model.stack_layers`)."""
+    """HF-named numpy arrays (weights (out, in)) of a dense params tree (either layout, `nn.layout.stack_layers`)."""
     params, out = unstack_layers(params), {}
     for name, (keys, shape, transposed) in hf_layout(config).items():
         node = params

@@ -51,7 +51,8 @@ import numpy as np
 import plrd_jax.nn.masks as M
 from plrd_jax.nn.config import ModelConfig
 from plrd_jax.nn.linears import Linear
-from plrd_jax.nn.model import Block, Decoder, unstack_layers
+from plrd_jax.nn.layout import unstack_layers
+from plrd_jax.nn.model import Block, Decoder
 from plrd_jax.nn.accounting import count_params
 from plrd_jax.transforms.prune import prune
 

@@ -27,7 +27,8 @@ from plrd_jax.configs import Presets
 from plrd_jax.evaluation.perplexity import perplexities
 from plrd_jax.io.store import FamilyStore, StoreError
 from plrd_jax.nn.accounting import count_params
-from plrd_jax.nn.model import abstract_params, arrange_layers
+from plrd_jax.nn.layout import arrange_layers
+from plrd_jax.nn.model import abstract_params
 from plrd_jax.nn.sharding import make_mesh, param_shardings, replicated
 from plrd_jax.training.loop import run_stage, state_layout
 from plrd_jax.training.optim import HealConfig, make_optimizer
@@ -156,7 +157,7 @@ def run_family(parent: str, parent_config: ModelConfig, parent_params, schedule:
     "step", "eval", "member"); the library never prints. Returns one MemberResult per stage; the parent's PPL
     per corpus is in every member's metadata ("parent_ppl").
     scan_layers: the parent and every member whose layers share one shape run their layers under one scan,
-    params stored stacked (`nn.model.arrange_layers`); the others, or all with False, run unrolled. The
+    params stored stacked (`nn.layout.arrange_layers`); the others, or all with False, run unrolled. The
     layout changes how a model is computed, not what: it is not part of the run's identity.
     """
     if heal_data.seq_len != schedule.seq_len:

@@ -80,7 +80,7 @@ class ModelConfig:
     only_lr_act: bool = False  # CoLA: the MLP is down(gate(x) · up(x)), no SiLU of its own on the gate
     sparse_method: str = "auto"  # one of SPARSE_METHODS
     # Run consecutive layers of identical specs under one jax.lax.scan (traced and compiled once per run of
-    # layers). When every layer shares one shape the params are stored stacked (`nn.model.stack_layers`, a
+    # layers). When every layer shares one shape the params are stored stacked (`nn.layout.stack_layers`, a
     # leading layer axis); otherwise they stay one subtree per layer and each run is stacked at compute time.
     scan_layers: bool = False
 

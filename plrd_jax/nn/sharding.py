@@ -28,7 +28,9 @@ import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from plrd_jax.nn.model import STACK, Block
+from plrd_jax.nn.layout import STACK
+
+from plrd_jax.nn.model import Block
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

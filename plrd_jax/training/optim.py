@@ -8,7 +8,7 @@ import jax
 import optax
 
 from plrd_jax.nn.config import DTYPES
-from plrd_jax.nn.model import STACK
+from plrd_jax.nn.layout import STACK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ def decay_mask(params) -> Any:
     """True for the leaves weight decay applies to: every 2-D matrix (dense kernels, low-rank factors A and B,
     an untied lm_head) except the embedding table; not norms, biases or SLTrain's sparse values.
     (On a factorized matrix, decay of A and B penalizes ‖A‖² + ‖B‖², i.e. bounds the nuclear norm of AB.)
-    In the stacked layout (`nn.model.stack_layers`) a layer's matrix is a 3-D leaf under `layers`."""
+    In the stacked layout (`nn.layout.stack_layers`) a layer's matrix is a 3-D leaf under `layers`."""
     def decays(key_path, x):
         stacked = getattr(key_path[0], "key", None) == STACK
         return x is not None and x.ndim == 2 + stacked and getattr(key_path[-1], "key", None) != "embedding"

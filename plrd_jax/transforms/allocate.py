@@ -155,18 +155,18 @@ def _bisect(rule: Callable[[float], list[int]], fixed: int, options: list[Option
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if _total(fixed, options, rule(mid)) <= budget else (lo, mid)
-    chosen, upper = rule(lo), rule(hi)
-    size = _total(fixed, options, chosen)
-    kinds, singles = top_up_groups([o.path for o in options], [(o.d_in, o.d_out, tuple(o.ranks)) for o in options])
-    for groups in (kinds, singles):
-        if groups is singles and abs(size - budget) <= TOLERANCE * budget:
-            break
+    upper = rule(hi)
+    for groups in top_up_groups([o.path for o in options], [(o.d_in, o.d_out, tuple(o.ranks)) for o in options]):
+        chosen = rule(lo)
+        size = _total(fixed, options, chosen)
         for group in groups:
             step = int(sum(options[i].sizes[upper[i]] - options[i].sizes[chosen[i]] for i in group))
             if step and abs(size + step - budget) < abs(size - budget):
                 for i in group:
                     chosen[i] = upper[i]
                 size += step
+        if abs(size - budget) <= TOLERANCE * budget:
+            break
     return chosen
 
 

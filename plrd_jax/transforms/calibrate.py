@@ -30,7 +30,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from plrd_jax.nn.config import ModelConfig
 from plrd_jax.nn.linears import Linear
-from plrd_jax.nn.model import Decoder, unstack_layers
+from plrd_jax.nn.layout import unstack_layers
+from plrd_jax.nn.model import Decoder
 from plrd_jax.nn.sharding import (RULES, batch_sharding, fsdp_fallback, logical_axes, make_mesh, param_shardings,
                                   partition_spec)
 from plrd_jax.training.losses import next_token_loss

@@ -2,7 +2,7 @@
 by a decomposition (`compress`)."""
 from __future__ import annotations
 
-from plrd_jax.nn.model import stack_layers, stores_stacked, unstack_layers
+from plrd_jax.nn.layout import stack_layers, stores_stacked, unstack_layers
 from plrd_jax.transforms.allocate import allocate_ranks, compute_spectra, ranks_by_layer, selected_paths
 from plrd_jax.transforms.decompositions import describe_scaling, scaling_report
 from plrd_jax.transforms.factorize import reduce_rank
@@ -14,7 +14,7 @@ def compress(params, plan: RankPlan, config=None, *, allocation: str = "uniform"
     """One member from `params` (dense or factorized): the plan's matrices at its size, ranks chosen by
     `allocation` (non-uniform ones need `plan.budget`), factors by `plan.decomposition` (`reduce_rank`).
 
-    With a `config`, `params` in either layout (`nn.model.stack_layers`), the result stacked when the new
+    With a `config`, `params` in either layout (`nn.layout.stack_layers`), the result stacked when the new
     config's layers all share one shape and it scans them (`stores_stacked`), else per layer; without one, any
     tree, its stacks (a `layers` key) read as MaxText's (`transforms.views`).
 

@@ -171,10 +171,10 @@ def _size_after(m: Matrix, r: int) -> int:
 
 
 def top_up_groups(paths, keys) -> tuple[list[list[int]], list[list[int]]]:
-    """The two passes of a budget's top-up, as groups of indices into `paths` raised together: (one group per
-    matrix kind and `keys` entry (shape) across layers — "layers_3/attn/q" with "layers_0/attn/q", so that a
-    decoder's layers keep one shape and run under one scan —, every matrix alone). A caller takes the second
-    pass only when the first leaves the count more than 1 % off the budget."""
+    """The two ways a budget's top-up may raise matrices, as groups of indices into `paths` raised together: (one
+    group per matrix kind and `keys` entry (shape) across layers — "layers_3/attn/q" with "layers_0/attn/q", so
+    that a decoder's layers keep one shape and run under one scan —, every matrix alone). A caller tries the
+    second, from the start again, only when the first leaves the count more than 1 % off the budget."""
     kinds: dict[tuple, list[int]] = {}
     for i, (path, key) in enumerate(zip(paths, keys)):
         kinds.setdefault((re.sub(r"^layers_[0-9]+/", "", path), key), []).append(i)
@@ -185,10 +185,9 @@ def _budget_ranks(params, matrices: dict[str, Matrix], selected: list[str], plan
     """Ranks round(f · min(d_in, d_out)) for the one fraction f that brings the tree nearest `plan.budget`.
 
     Bisection brackets the budget between two neighbouring fractions f_lo < f_hi; the matrices whose rank
-    differs between them then take the higher rank while that brings the count nearer: first a whole kind at
-    a time (layer i's attn/q with every other layer's, so that the layers keep one shape and run under one
-    scan, `nn.model.stores_stacked`), then, only when that leaves the count more than 1 % away, one matrix at a
-    time in tree order.
+    differs between them then take the higher rank while that brings the count nearer: a whole kind at a time
+    (layer i's attn/q with every other layer's, so that the layers keep one shape and run under one scan,
+    `nn.layout.stores_stacked`), or, when that cannot come within 1 %, one matrix at a time in tree order.
     """
     fixed = count_params(params) - sum(matrices[p].size for p in selected)
 
@@ -208,18 +207,18 @@ def _budget_ranks(params, matrices: dict[str, Matrix], selected: list[str], plan
     for _ in range(60):  # invariant: count(lo) <= budget < count(hi), unless the budget is the current size
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if count(ranks(mid)) <= plan.budget else (lo, mid)
-    chosen, upper = ranks(lo), ranks(hi)
-    size = count(chosen)
-    kinds, singles = top_up_groups(selected, [matrices[p] for p in selected])
-    for groups in (kinds, singles):
-        if groups is singles and abs(size - plan.budget) <= 0.01 * plan.budget:
-            break
+    upper = ranks(hi)
+    for groups in top_up_groups(selected, [matrices[p] for p in selected]):
+        chosen = ranks(lo)
+        size = count(chosen)
         for group in groups:
             step = sum(_size_after(matrices[selected[i]], upper[selected[i]])
                        - _size_after(matrices[selected[i]], chosen[selected[i]]) for i in group)
             if abs(size + step - plan.budget) < abs(size - plan.budget):
                 chosen.update({selected[i]: upper[selected[i]] for i in group})
                 size += step
+        if abs(size - plan.budget) <= 0.01 * plan.budget:
+            break
     if abs(size - plan.budget) > 0.01 * plan.budget:
         raise PlanError(f"budget {plan.budget} cannot be met within 1%: the nearest reachable size is {size} "
                         f"(a smaller multiple_of gives finer steps)")

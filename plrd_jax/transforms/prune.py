@@ -31,7 +31,7 @@ import numpy as np
 
 from plrd_jax.nn.config import ModelConfig
 from plrd_jax.nn.masks import mask_shapes
-from plrd_jax.nn.model import stack_layers, stores_stacked, unstack_layers
+from plrd_jax.nn.layout import stack_layers, stores_stacked, unstack_layers
 from plrd_jax.transforms.units import PruneError, decoder_units, prune_units
 
 __all__ = ["Cut", "PruneError", "apply_cut", "decoder_keep", "prune", "prune_cuts", "pruned_shape"]
@@ -218,7 +218,7 @@ def prune(params, config: ModelConfig, masks: dict) -> tuple[dict, ModelConfig]:
     The new config states head_dim explicitly and keeps each surviving matrix's LinearSpec. Layers are dropped
     here, the slicing is `prune_units(decoder_units(...), decoder_keep(...))` and the kept mask values are
     folded in by the cuts' scales (module docstring); the result equals applying each `Cut` whole.
-    `params` in either layout; the result in the new config's (`nn.model.stores_stacked`).
+    `params` in either layout; the result in the new config's (`nn.layout.stores_stacked`).
     """
     params = unstack_layers(params)  # masks and cuts address layers by index
     if not isinstance(config, ModelConfig) or "embed" not in params:
