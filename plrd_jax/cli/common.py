@@ -272,8 +272,9 @@ def keep_freed_memory() -> None:
 
 def release_freed_memory() -> None:
     """Hand the memory that malloc keeps under KEEP_FREED_MEMORY back to the system (glibc's `malloc_trim`):
-    between the members of a family, whose buffers have other sizes than the next member's, so that what one
-    member freed does not stay resident beside the next. Nothing happens without the setting."""
+    between phases of a run (a compile, a checkpoint, an evaluation, a member), whose buffers have other sizes
+    than the next phase's, so that what one freed does not stay resident beside the next. Not between steps:
+    reusing those pages is the point. Nothing happens without the setting."""
     if os.environ.get("GLIBC_TUNABLES") == KEEP_FREED_MEMORY:
         import ctypes
 

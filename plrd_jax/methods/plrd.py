@@ -247,6 +247,7 @@ class _FamilyRun:
             shardings = param_shardings(abstract_params(config), self.mesh)
         else:
             params, config, decomposition_report = self.cut(stage, prev)
+            config, params = arrange_layers(config, params, self.scan_layers)
             shardings = param_shardings(params, self.mesh)
             ppl_before = _eval(config, params, self.eval_sets, self.eval_batch_size, self.on_event, "before", k)
             elapsed = 0.0
@@ -309,9 +310,8 @@ class _FamilyRun:
         if schedule.method == "minitron":
             from plrd_jax.methods.minitron import minitron_prune
 
-            params, config, report = minitron_prune(source_config, source_params, self.calibration_windows, budget,
-                                                    schedule.minitron_mode)
-            return (*arrange_layers(config, params, self.scan_layers)[::-1], report)
+            return minitron_prune(source_config, source_params, self.calibration_windows, budget,
+                                  schedule.minitron_mode)
         plan = dataclasses.replace(stage.plan(self.parent_count, schedule.matrices, schedule.multiple_of),
                                    decomposition=schedule.decomposition)
         stats = None
@@ -321,9 +321,7 @@ class _FamilyRun:
                 stats = calibrate(source_config, source_params, self.calibration_windows,
                                   fisher=plan.decomposition.needs_fisher)
                 self.parent_stats = None if schedule.progressive else stats
-        params, config, report = compress(source_params, plan, source_config, allocation=schedule.allocation,
-                                          stats=stats)
-        return (*arrange_layers(config, params, self.scan_layers)[::-1], report)
+        return compress(source_params, plan, source_config, allocation=schedule.allocation, stats=stats)
 
 
 def _eval(config, params, eval_sets, batch_size, on_event, when, member) -> dict[str, float]:

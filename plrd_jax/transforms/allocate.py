@@ -34,7 +34,7 @@ import numpy as np
 from plrd_jax.nn.accounting import count_params
 from plrd_jax.transforms.decompositions import (Decomposition, Spectrum, as_decomposition, check_stats, decompose,
                                                 decompose_factors, output_errors)
-from plrd_jax.transforms.plan import PlanError, find_matrices, node_at, select, top_up_groups
+from plrd_jax.transforms.plan import PlanError, find_matrices, node_at, select, top_up
 from plrd_jax.transforms.sparse import sparse_nnz
 
 ALLOCATIONS = ("uniform", "energy", "sensitivity")
@@ -151,22 +151,15 @@ def _bisect(rule: Callable[[float], list[int]], fixed: int, options: list[Option
             lo: float, hi: float) -> list[int]:
     """The choice of `rule(t)` (size increasing with t) nearest the budget: bisection between t=lo and t=hi,
     then matrices whose choice differs between the bracketing values take the larger option while that brings
-    the size nearer, a kind across layers at a time before single matrices (`plan.top_up_groups`)."""
+    the size nearer, a kind across layers at a time before single matrices (`plan.top_up`)."""
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if _total(fixed, options, rule(mid)) <= budget else (lo, mid)
-    upper = rule(hi)
-    for groups in top_up_groups([o.path for o in options], [(o.d_in, o.d_out, tuple(o.ranks)) for o in options]):
-        chosen = rule(lo)
-        size = _total(fixed, options, chosen)
-        for group in groups:
-            step = int(sum(options[i].sizes[upper[i]] - options[i].sizes[chosen[i]] for i in group))
-            if step and abs(size + step - budget) < abs(size - budget):
-                for i in group:
-                    chosen[i] = upper[i]
-                size += step
-        if abs(size - budget) <= TOLERANCE * budget:
-            break
+    chosen, upper = rule(lo), rule(hi)
+    steps = [int(o.sizes[upper[i]] - o.sizes[chosen[i]]) for i, o in enumerate(options)]
+    for i in top_up([o.path for o in options], [(o.d_in, o.d_out, tuple(o.ranks)) for o in options], steps,
+                    _total(fixed, options, chosen), budget, TOLERANCE):
+        chosen[i] = upper[i]
     return chosen
 
 

@@ -170,15 +170,24 @@ def _size_after(m: Matrix, r: int) -> int:
     return m.count * min(r, m.rank) * (m.d_in + m.d_out)
 
 
-def top_up_groups(paths, keys) -> tuple[list[list[int]], list[list[int]]]:
-    """The two ways a budget's top-up may raise matrices, as groups of indices into `paths` raised together: (one
-    group per matrix kind and `keys` entry (shape) across layers — "layers_3/attn/q" with "layers_0/attn/q", so
-    that a decoder's layers keep one shape and run under one scan —, every matrix alone). A caller tries the
-    second, from the start again, only when the first leaves the count more than 1 % off the budget."""
+def top_up(paths, keys, steps, size: int, budget: int, tolerance: float = 0.01) -> list[int]:
+    """Which matrices a budget's top-up raises (indices into `paths`): raising matrix i adds steps[i] parameters
+    to `size`, and a group is raised while that brings the count nearer `budget`. Groups are first one per matrix
+    kind and `keys` entry (shape) across layers — "layers_3/attn/q" with "layers_0/attn/q", so that a decoder's
+    layers keep one shape and run under one scan —, and, only when that ends more than `tolerance` off, every
+    matrix alone, from the start again (tree order)."""
     kinds: dict[tuple, list[int]] = {}
     for i, (path, key) in enumerate(zip(paths, keys)):
         kinds.setdefault((re.sub(r"^layers_[0-9]+/", "", path), key), []).append(i)
-    return list(kinds.values()), [[i] for i in range(len(paths))]
+    for groups in (list(kinds.values()), [[i] for i in range(len(paths))]):
+        raised, total = [], size
+        for group in groups:
+            step = sum(steps[i] for i in group)
+            if abs(total + step - budget) < abs(total - budget):
+                raised, total = raised + group, total + step
+        if abs(total - budget) <= tolerance * budget:
+            break
+    return raised
 
 
 def _budget_ranks(params, matrices: dict[str, Matrix], selected: list[str], plan: RankPlan) -> dict[str, int]:
@@ -207,18 +216,11 @@ def _budget_ranks(params, matrices: dict[str, Matrix], selected: list[str], plan
     for _ in range(60):  # invariant: count(lo) <= budget < count(hi), unless the budget is the current size
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if count(ranks(mid)) <= plan.budget else (lo, mid)
-    upper = ranks(hi)
-    for groups in top_up_groups(selected, [matrices[p] for p in selected]):
-        chosen = ranks(lo)
-        size = count(chosen)
-        for group in groups:
-            step = sum(_size_after(matrices[selected[i]], upper[selected[i]])
-                       - _size_after(matrices[selected[i]], chosen[selected[i]]) for i in group)
-            if abs(size + step - plan.budget) < abs(size - plan.budget):
-                chosen.update({selected[i]: upper[selected[i]] for i in group})
-                size += step
-        if abs(size - plan.budget) <= 0.01 * plan.budget:
-            break
+    chosen, upper = ranks(lo), ranks(hi)
+    steps = [_size_after(matrices[p], upper[p]) - _size_after(matrices[p], chosen[p]) for p in selected]
+    for i in top_up(selected, [matrices[p] for p in selected], steps, count(chosen), plan.budget):
+        chosen[selected[i]] = upper[selected[i]]
+    size = count(chosen)
     if abs(size - plan.budget) > 0.01 * plan.budget:
         raise PlanError(f"budget {plan.budget} cannot be met within 1%: the nearest reachable size is {size} "
                         f"(a smaller multiple_of gives finer steps)")
